@@ -1,0 +1,41 @@
+"""Shared test helpers: launching scripts under torchrun with a timeout, and the shared data path."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def script_env() -> dict:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("RANK", None)
+    return env
+
+
+def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun --standalone; fail the test with its output on error or timeout."""
+    cmd = TORCHRUN + ["--standalone", f"--nproc_per_node={nproc}", str(REPO / script), *args]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{script} timed out after {timeout}s\n{(e.stdout or b'')[-3000:]}\n{(e.stderr or b'')[-3000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"{script} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def needs_shared_data():
+    return pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} is absent (real-data tests need ../shared/data)")

@@ -1,0 +1,1 @@
+"""tulu: a pure-PyTorch reimplementation of the Tulu 3 post-training recipe."""

@@ -1,0 +1,111 @@
+"""Shared tyro dataclass sections and the CLI parser every script uses.
+
+Each script declares one flat `Args` dataclass that inherits the sections it needs, so flags keep
+the original open-instruct names (`--learning_rate`, not `--optim.learning_rate`) and every field's
+docstring becomes its `--help` line. Defaults run the embedded tiny demo on a CPU; the Tulu 3 seed
+commands set every hyperparameter that differs explicitly (see presets).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Literal
+
+import tyro
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    model_name_or_path: str = "tulu/tiny"
+    """HF hub name or local folder (safetensors). "tulu/tiny" = the embedded tiny model, built locally."""
+    tokenizer_name: str | None = None
+    """Tokenizer name or folder (default: the model's)."""
+    model_revision: str | None = None
+    """Hub revision (branch, tag or commit) of the model."""
+    use_slow_tokenizer: bool = False
+    """Ask for the slow tokenizer class (Llama 3 has none, so this changes nothing there)."""
+    use_flash_attn: bool = False
+    """flash-attn 2 varlen attention (GPU only; needs the `gpu` extra). Otherwise sdpa."""
+    chat_template_name: str = "tulu"
+    """Chat template: a built-in name ("tulu") or keep the tokenizer's own when it has one."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder block in backward (activation checkpointing)."""
+    cpu_offload: bool = False
+    """Keep parameters, gradients and optimizer state on the host (ZeRO-3 offload equivalent)."""
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after forward (ZeRO-3); False keeps them (ZeRO-2-like)."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute dtype; master weights, gradient reduction and optimizer stay fp32. auto = bf16 on GPU, fp32 on CPU."""
+
+
+@dataclasses.dataclass
+class OptimArgs:
+    learning_rate: float = 3e-3
+    """Peak AdamW learning rate."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """Schedule after warmup (decays to 0 at the last optimizer step)."""
+    warmup_ratio: float = 0.03
+    """Fraction of optimizer steps spent warming up linearly from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices (1-D parameters never decay)."""
+    clip_grad_norm: float = 1.0
+    """Global gradient-norm clip; <= 0 disables. (Tulu 3 under DeepSpeed effectively clipped at 1.0.)"""
+    per_device_train_batch_size: int = 16
+    """Sequences (or preference pairs) per micro-batch per rank."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step per rank."""
+    num_train_epochs: int = 2
+    """Passes over the training data."""
+    max_train_steps: int | None = None
+    """Stop after this many optimizer steps (overrides num_train_epochs for the schedule)."""
+    seed: int = 42
+    """Seed for data order, weight init of new rows and every RNG the run draws from."""
+
+
+@dataclasses.dataclass
+class LogArgs:
+    output_dir: str = "output/"
+    """Where metrics.jsonl, checkpoints and the final Hugging Face model go."""
+    exp_name: str = "tulu"
+    """Run name prefix (wandb run = {exp_name}__{seed}__{time})."""
+    with_tracking: bool = False
+    """Log to the tracker named by --report_to."""
+    report_to: str = "wandb"
+    """Tracker: wandb (offline mode when no API key is set)."""
+    wandb_project: str = "tulu"
+    """wandb project."""
+    wandb_entity: str | None = None
+    """wandb entity (team or user)."""
+    logging_steps: int = 1
+    """Log every this many optimizer steps (the only host syncs in the loop)."""
+
+
+def _bool_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
+
+
+def normalize_bool_flags(cls, argv: list[str]) -> list[str]:
+    """Accept both spellings the seed commands use: bare `--with_tracking` and `--use_lora False` /
+    `--apply_verifiable_reward true`."""
+    names, out, i = _bool_fields(cls), [], 0
+    while i < len(argv):
+        tok = argv[i]
+        out.append(tok)
+        if tok.startswith("--") and tok[2:] in names:
+            nxt = argv[i + 1].lower() if i + 1 < len(argv) else None
+            if nxt in _TRUE | _FALSE:
+                out.append("True" if nxt in _TRUE else "False")
+                i += 1
+            else:
+                out.append("True")
+        i += 1
+    return out
+
+
+def cli(cls, argv: list[str] | None = None, description: str | None = None):
+    """Parse argv into `cls` (flat flags with underscores, explicit True/False for booleans)."""
+    argv = normalize_bool_flags(cls, list(sys.argv[1:] if argv is None else argv))
+    return tyro.cli(cls, args=argv, config=(tyro.conf.FlagConversionOff,), use_underscores=True,
+                    description=description)

@@ -1,0 +1,54 @@
+"""Parallelism as a transform: FSDP2 per decoder block, then the root (the torchtitan recipe).
+
+`apply_fsdp` never builds or loads anything: call it on a model built on the meta device, then
+materialize and load weights (tulu/model.py). Mixed precision = bf16 compute on fp32 master weights
+with fp32 gradient reduction; CPU offload = parameters, gradients and optimizer state on the host
+(the ZeRO-3-offload equivalent); activation checkpointing recomputes each block in backward.
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks, found by the class names HF lists in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__}: no decoder blocks found (_no_split_modules={sorted(names)})")
+    return blocks
+
+
+def apply_fsdp(
+    model: torch.nn.Module,
+    mesh: DeviceMesh | None = None,
+    compute_dtype: str = "bf16",
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+    activation_checkpointing: bool = False,
+) -> torch.nn.Module:
+    """Shard `model` in place over `mesh` (default: all ranks of the default group) and return it.
+
+    reshard_after_forward=False keeps each block's full parameters from forward to backward
+    (ZeRO-2-like: more memory, one all-gather less per block).
+    """
+    if mesh is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+    dtype = DTYPES[compute_dtype]
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else None
+    # pin_memory=False on CPU: pinning needs an accelerator (measured: fully_shard raises without one).
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    kw = dict(mesh=mesh, offload_policy=offload, **({"mp_policy": mp} if mp else {}))
+    for block in decoder_blocks(model):
+        if activation_checkpointing:
+            checkpoint(block)  # composable API: keeps parameter names unchanged (checkpoints stay portable)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+    # The root holds embeddings, final norm and lm_head; they are needed again first in backward.
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    return model

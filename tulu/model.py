@@ -1,0 +1,140 @@
+"""Build policy / reference / reward / value models (HF classes) sharded from the start.
+
+Recipe (gpt-fast / torchtitan): build on the meta device, shard with FSDP2, allocate only this
+rank's shards, then read exactly those rows from the safetensors files. No rank ever holds the
+whole model. Export goes the other way: a streamed gather, one output shard at a time on rank 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tulu.fsdp import apply_fsdp
+from tulu.tiny import TINY_NAME, tiny_dir
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
+
+
+def resolve(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder for a model name: the embedded tiny model, a local path, or a hub snapshot
+    (config, tokenizer and safetensors only: no pickled weights, no remote code)."""
+    if name_or_path == TINY_NAME:
+        return tiny_dir()
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, revision=revision,
+                                      allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
+    except Exception as e:  # offline, missing repo, gated model...
+        raise FileNotFoundError(f"model {name_or_path!r}: not a local folder and the hub download failed ({e})") from e
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None, chat_template_name: str = "tulu",
+                   use_slow_tokenizer: bool = False):
+    from transformers import AutoTokenizer
+
+    from tulu.chat import setup_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(name_or_path, revision), use_fast=not use_slow_tokenizer,
+                                        trust_remote_code=False)
+    return setup_tokenizer(tok, chat_template_name)
+
+
+def _weight_index(path: Path) -> dict[str, Path]:
+    """checkpoint key -> safetensors file that holds it."""
+    if (path / WEIGHT_FILES[0]).exists():
+        weight_map = json.loads((path / WEIGHT_FILES[0]).read_text())["weight_map"]
+        return {k: path / f for k, f in weight_map.items()}
+    if (path / WEIGHT_FILES[1]).exists():
+        with safe_open(path / WEIGHT_FILES[1], "pt") as f:
+            return {k: path / WEIGHT_FILES[1] for k in f.keys()}
+    raise FileNotFoundError(f"{path}: no safetensors weights ({' or '.join(WEIGHT_FILES)}); .bin files are not loaded")
+
+
+def _local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's piece of a (possibly FSDP-sharded, dim-0) parameter and its first global row."""
+    if not hasattr(p, "to_local"):
+        return p.data, 0
+    local = p.to_local()
+    mesh = p.device_mesh
+    chunk = math.ceil(p.shape[0] / mesh.size()) if p.ndim else 0
+    return local, chunk * mesh.get_local_rank()
+
+
+@torch.no_grad()
+def load_weights(model: torch.nn.Module, path: Path, init_missing=None, seed: int = 0) -> dict[str, list[str]]:
+    """Fill every parameter's local shard from `path`'s safetensors files, reading only its rows.
+
+    A parameter with more rows than the checkpoint (embeddings grown for a new pad token) gets the
+    extra rows from N(0, initializer_range), drawn from `seed` identically on every rank. A
+    parameter absent from the checkpoint goes to `init_missing(name, full_shape) -> tensor` (e.g. a
+    reward head); without one, that is an error. Returns the missing and unused checkpoint keys.
+    """
+    index = _weight_index(path)
+    std = getattr(model.config, "initializer_range", 0.02)
+    handles: dict[Path, object] = {}
+    missing = []
+    for name, p in model.named_parameters():
+        local, row0 = _local_rows(p)
+        if local.numel() == 0:
+            continue
+        start, stop = row0, row0 + local.shape[0]  # this rank's global rows
+        if name not in index:
+            if init_missing is None:
+                raise KeyError(f"{path}: checkpoint has no weight {name!r}")
+            missing.append(name)
+            local.copy_(init_missing(name, tuple(p.shape))[start:stop])
+            continue
+        f = handles.setdefault(index[name], safe_open(index[name], "pt"))
+        sl = f.get_slice(name)
+        n_ckpt = sl.get_shape()[0] if sl.get_shape() else 1
+        if min(stop, n_ckpt) > start:
+            local[: min(stop, n_ckpt) - start].copy_(sl[start : min(stop, n_ckpt)])
+        if stop > n_ckpt:  # grown vocabulary: new rows drawn identically on every rank, at any world size
+            new = torch.randn((p.shape[0] - n_ckpt, *p.shape[1:]), generator=torch.Generator().manual_seed(seed))
+            first = max(start, n_ckpt)
+            local[first - start :].copy_(new[first - n_ckpt : stop - n_ckpt] * std)
+    used = {n for n, _ in model.named_parameters()}
+    return {"missing": missing, "unused": sorted(set(index) - used)}
+
+
+def reset_rotary_buffers(model: torch.nn.Module) -> None:
+    """Recompute non-persistent rotary buffers (inv_freq), which `to_empty` leaves uninitialized."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config") and hasattr(module, "rope_type"):
+            fresh = type(module)(config=module.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                getattr(module, name).copy_(buf.to(getattr(module, name).device))
+
+
+def build_model(name_or_path: str, device: torch.device, *, kind: str = "causal_lm", revision: str | None = None,
+                vocab_size: int | None = None, attn_implementation: str = "sdpa", compute_dtype: str = "fp32",
+                cpu_offload: bool = False, reshard_after_forward: bool = True, gradient_checkpointing: bool = False,
+                init_missing=None, seed: int = 0) -> torch.nn.Module:
+    """A sharded HF model with its weights loaded. kind: "causal_lm" or "reward" (one scalar head)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve(name_or_path, revision)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    config.use_cache = False  # with a cache, packed documents silently attend to each other
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        config.vocab_size = (vocab_size + 7) // 8 * 8  # as open-instruct: resize to a multiple of 8
+    if kind == "reward":
+        config.num_labels = 1
+    cls = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}[kind]
+    with torch.device("meta"):
+        model = cls.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    apply_fsdp(model, compute_dtype=compute_dtype, cpu_offload=cpu_offload,
+               reshard_after_forward=reshard_after_forward, activation_checkpointing=gradient_checkpointing)
+    model.to_empty(device="cpu" if cpu_offload else device)
+    load_weights(model, path, init_missing=init_missing, seed=seed)
+    reset_rotary_buffers(model)
+    model.name_or_path = str(path)
+    return model
