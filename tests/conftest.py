@@ -39,3 +39,12 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 def needs_shared_data():
     return pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"{SHARED_DATA} is absent (real-data tests need ../shared/data)")
+
+
+@pytest.fixture(scope="session")
+def sft_tiny(tmp_path_factory) -> Path:
+    """The SFT default run (`torchrun --nproc_per_node 2 train/sft.py`, no flags but the output dir),
+    run once per test session; later stages start from its exported model."""
+    out = tmp_path_factory.mktemp("stages") / "sft"
+    torchrun("train/sft.py", ["--output_dir", str(out), "--logging_steps", "10"], timeout=900)
+    return out

@@ -45,10 +45,20 @@ def apply_fsdp(
     # pin_memory=False on CPU: pinning needs an accelerator (measured: fully_shard raises without one).
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     kw = dict(mesh=mesh, offload_policy=offload, **({"mp_policy": mp} if mp else {}))
+    # Untied embeddings and lm_head are the largest single modules (525M params each at 8B); as
+    # units of their own, only one of them is ever gathered at a time, which is what keeps the
+    # transient at DeepSpeed's "largest layer" L instead of 2L (benchmarks/memory.py). A tied pair
+    # is one parameter and stays in the root.
+    emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = emb_out is not None and emb_out.weight is not emb_in.weight
+    if untied:
+        fully_shard(emb_in, reshard_after_forward=reshard_after_forward, **kw)
     for block in decoder_blocks(model):
         if activation_checkpointing:
             checkpoint(block)  # composable API: keeps parameter names unchanged (checkpoints stay portable)
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
-    # The root holds embeddings, final norm and lm_head; they are needed again first in backward.
+    if untied:  # lm_head runs last in forward and first in backward: keep it gathered in between
+        fully_shard(emb_out, reshard_after_forward=False, **kw)
+    # The root holds what is left (final norm; tied embeddings; a reward head).
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
     return model
