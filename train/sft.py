@@ -20,7 +20,9 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from tulu.config import LogArgs, ModelArgs, OptimArgs, cli
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, cli
 from tulu.checkpoint import export_hf
 from tulu.data import build_sft_data, epoch_permutation, rank_microbatches, step_samples
 from tulu.dist import all_reduce, init_dist, print0, shutdown
@@ -30,10 +32,11 @@ from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
 from tulu.optim import build_optimizer, build_scheduler
 from tulu.packing import model_inputs, pack, pad
+from tulu.resume import StopRequest, find_resume_point, load_checkpoint, restore_scheduler, save_checkpoint
 
 
 @dataclasses.dataclass
-class Args(ModelArgs, OptimArgs, LogArgs):
+class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs):
     dataset_mixer_list: list[str] | None = None
     """Mixture as `name frac_or_count ...` (a value with "." is a fraction, else a row count).
     Neither this nor --dataset_mixer given: the embedded synthetic set tulu/synth-sft."""
@@ -54,8 +57,10 @@ class Args(ModelArgs, OptimArgs, LogArgs):
     """Skip (and count) malformed rows instead of stopping with an error naming the row and field."""
 
 
+@record  # torchrun reports the first failing rank's exception once and stops the others
 def main(args: Args) -> None:
     d = init_dist()
+    stop = StopRequest()
     torch.manual_seed(args.seed)
     compute_dtype = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.model_revision,
@@ -80,22 +85,36 @@ def main(args: Args) -> None:
     flops_tok = flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, args.max_seq_length)
     peak = peak_flops(d.device)
     metrics = Metrics(args.output_dir, d.is_main, d.device, start_tracker(args, dataclasses.asdict(args)))
+    start_step = 0
+    resume = find_resume_point(args.output_dir, None if args.overwrite_output_dir else args.resume_from_checkpoint)
+    if resume is not None:
+        state = load_checkpoint(resume, {"model": (model, optimizer)}, d.rank, d.world)
+        if state["samples_seen"] % global_batch:
+            raise ValueError(f"{resume}: {state['samples_seen']} samples seen is not a whole number of steps of "
+                             f"the new global batch {global_batch}; keep per_device·grad_accum·world the same")
+        start_step = state["samples_seen"] // global_batch
+        restore_scheduler(scheduler, start_step)
     print0(f"[sft] {len(data)} examples, {n_params / 1e6:.2f}M params, world {d.world}, global batch {global_batch}, "
            f"{total_steps} steps, reduce_loss={args.reduce_loss}, packing={args.packing}, dtype={compute_dtype}")
 
     capacity = args.per_device_train_batch_size * args.max_seq_length
     collate = pack if args.packing else pad
     window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
-    for step in tqdm(range(total_steps), disable=not d.is_main, desc="sft", mininterval=5):
+    perm_epoch, stopped = None, False
+    for step in tqdm(range(start_step, total_steps), disable=not d.is_main, desc="sft", mininterval=5,
+                     initial=start_step, total=total_steps):
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if step_in_epoch == 0:
-            perm = epoch_permutation(len(data), args.seed, epoch)
+        if perm_epoch != epoch:
+            perm, perm_epoch = epoch_permutation(len(data), args.seed, epoch), epoch
         samples = step_samples(perm, step_in_epoch, global_batch)
         mbs = rank_microbatches(samples, data.lengths, d.rank, d.world, args.per_device_train_batch_size,
                                 args.gradient_accumulation_steps, args.packing, capacity)
         batches = [collate(data.rows(mb), tokenizer.pad_token_id) for mb in mbs]
-        # The step's trained-token count, across micro-batches and ranks, before any backward.
-        global_tokens = all_reduce(sum((b["labels"][:, 1:] != -100).sum() for b in batches).float().to(d.device))
+        # The step's trained-token count, across micro-batches and ranks, before any backward; a
+        # stop request rides along so every rank agrees on when to stop (read after the step).
+        local_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in batches).float()
+        counts = all_reduce(torch.stack([local_tokens, torch.tensor(float(stop.requested))]).to(d.device))
+        global_tokens = counts[0]
         # mean: average over the micro-batches actually run; sum: the original's fixed 1/(GA·W).
         grad_accum = len(batches) if args.reduce_loss == "mean" else args.gradient_accumulation_steps
         for batch in batches:
@@ -113,8 +132,9 @@ def main(args: Args) -> None:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        stopping = bool(counts[1] > 0)  # a host read of a tensor the step finished with long ago
 
-        if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+        if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps or stopping:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed
             extra = {"train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
@@ -128,8 +148,21 @@ def main(args: Args) -> None:
                            f"loss/token {out['train/loss_per_token']:.4f} lr {extra['train/lr']:.2e} tok/s/dev {tps:.0f}")
             window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
 
-    export_hf(model, tokenizer, args.output_dir, d.is_main)
-    print0(f"[sft] saved Hugging Face model to {args.output_dir}")
+        if stopping or args.should_save(step + 1, steps_per_epoch):
+            path = save_checkpoint(args.output_dir, step + 1, {"model": (model, optimizer)},
+                                   {"samples_seen": (step + 1) * global_batch, "epoch": (step + 1) / steps_per_epoch},
+                                   d.rank, d.world, args.keep_last_n_checkpoints)
+            if args.save_hf_every_checkpoint:
+                export_hf(model, tokenizer, path.parent / f"hf_{path.name}", d.is_main)
+        if stopping:
+            stopped = True
+            print0(f"[sft] stopped by signal after step {step + 1}; resume with the same command "
+                   f"(--resume_from_checkpoint auto) or --resume_from_checkpoint {path}")
+            break
+
+    if not stopped:
+        export_hf(model, tokenizer, args.output_dir, d.is_main)
+        print0(f"[sft] saved Hugging Face model to {args.output_dir}")
     del model, optimizer, scheduler
     shutdown()
 

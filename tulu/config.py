@@ -82,6 +82,30 @@ class LogArgs:
     """Log every this many optimizer steps (the only host syncs in the loop)."""
 
 
+@dataclasses.dataclass
+class CheckpointArgs:
+    checkpointing_steps: str | None = None
+    """Save a resumable checkpoint every N optimizer steps, or "epoch" at each epoch end."""
+    keep_last_n_checkpoints: int = 3
+    """Keep the newest K complete checkpoints (pruned only after a new one is complete); -1 keeps all."""
+    resume_from_checkpoint: str | None = "auto"
+    """A checkpoint folder, or "auto": the newest complete one under output_dir/checkpoints, if any."""
+    overwrite_output_dir: bool = False
+    """Start fresh even when output_dir holds checkpoints (they are overwritten as new ones are saved)."""
+    save_hf_every_checkpoint: bool = False
+    """Also export a Hugging Face folder (output_dir/checkpoints/hf_step_N) at every checkpoint."""
+
+    def should_save(self, completed_steps: int, steps_per_epoch: int) -> bool:
+        spec = self.checkpointing_steps
+        if not spec:
+            return False
+        if spec == "epoch":
+            return completed_steps % steps_per_epoch == 0
+        if not spec.isdigit() or int(spec) <= 0:
+            raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {spec!r}")
+        return completed_steps % int(spec) == 0
+
+
 def _bool_fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
 

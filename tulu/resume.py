@@ -1,0 +1,203 @@
+"""Training checkpoints: sharded, atomic, resumable at any world size, and pickle-free.
+
+Layout of `output_dir/checkpoints/step_{N}/`:
+    {prefix}-rank{r}.safetensors   this rank's rows of every parameter and AdamW state tensor of the
+                                   model registered under `prefix` ("model", "value", ...); each
+                                   file's metadata maps tensor name -> [first global row, global rows]
+    rng-rank{r}.safetensors        the torch (and CUDA) generator states of rank r
+    trainer_state.json             step, data position in global samples, world size, script extras
+    COMPLETE                       written last; a folder without it is never resumed from
+
+Every rank writes only its own rows (no rank gathers the model). Loading reads, for each local
+shard, the overlapping rows of whichever files hold them, so a checkpoint written by W ranks
+loads on any other number of ranks. Why not torch.distributed.checkpoint: its FileSystemWriter's
+`.metadata` is a pickle (loading it unpickles), and its safetensors writer in torch 2.13 could not
+read back a sharded save here ("header too large"); this format keeps DCP's idea (per-rank files
++ global offsets, resharding on load) in safetensors only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tulu.dist import barrier, print0
+from tulu.model import _local_rows
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _named_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+    """(name, tensor) for every parameter and every AdamW state tensor of a parameter."""
+    for name, p in model.named_parameters():
+        yield name, p
+        if optimizer is not None and p in optimizer.state:
+            for key, value in optimizer.state[p].items():
+                yield f"{name}::{key}", value
+
+
+def _rank_file(folder: Path, prefix: str, rank: int, kind: str = "") -> Path:
+    return folder / f"{prefix}{kind}-rank{rank:05d}.safetensors"
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, modules: dict, trainer_state: dict, rank: int,
+                    world: int, keep_last_n: int = 3) -> Path:
+    """Write step_{step} atomically: every rank writes into step_{step}.tmp, rank 0 adds
+    trainer_state.json, renames the folder and writes COMPLETE last, then prunes old checkpoints
+    (only complete ones, only after the new one is complete). modules: {prefix: (model, optimizer)}."""
+    root = checkpoint_root(output_dir)
+    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    for prefix, (model, optimizer) in modules.items():
+        tensors, meta = {}, {}
+        for name, t in _named_state(model, optimizer):
+            local, row0 = _local_rows(t)
+            tensors[name] = local.detach().to("cpu").contiguous()
+            meta[name] = [row0, t.shape[0] if t.ndim else 0]
+        save_file(tensors, str(_rank_file(tmp, prefix, rank)), metadata={"rows": json.dumps(meta)})
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(_rank_file(tmp, "rng", rank)))
+    barrier()
+    if rank == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, "world": world}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        (final / MARKER).write_text("ok\n")
+        _prune(root, keep_last_n)
+    barrier()
+    return final
+
+
+def _prune(root: Path, keep_last_n: int) -> None:
+    """Keep the newest keep_last_n complete checkpoints (at least the one just written); -1 keeps
+    all (the original's -1 deleted all of them, a bug fixed upstream in 72d6ca9e8)."""
+    if keep_last_n < 0:
+        return
+    complete = complete_checkpoints(root)
+    for old in complete[: max(0, len(complete) - max(1, keep_last_n))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete step_N folders, oldest first (ordered by N as an integer, not as a string)."""
+    if not root.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / MARKER).exists()]
+
+
+def find_resume_point(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
+    """The checkpoint to resume from: an explicit folder, or with "auto" the newest complete one
+    under output_dir (incomplete folders are reported and skipped); None to start fresh."""
+    if resume_from in (None, "", "none"):
+        return None
+    if resume_from != "auto":
+        path = Path(resume_from)
+        if not (path / MARKER).exists():
+            raise FileNotFoundError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {MARKER} marker)")
+        return path
+    root = checkpoint_root(output_dir)
+    complete = complete_checkpoints(root)
+    for p in sorted(root.glob("step_*")) if root.exists() else []:
+        if p not in complete:
+            print0(f"[checkpoint] WARNING: ignoring incomplete checkpoint {p} (no {MARKER} marker: interrupted while saving)")
+    return complete[-1] if complete else None
+
+
+class _RowIndex:
+    """Which rank file holds which rows of each tensor, read from the files' metadata."""
+
+    def __init__(self, files: list[Path]):
+        self.handles = [safe_open(str(f), "pt") for f in files]
+        self.rows = [json.loads(h.metadata()["rows"]) for h in self.handles]
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        pieces = []
+        for h, rows in zip(self.handles, self.rows):
+            if name not in rows:
+                continue
+            first, total = rows[name]
+            sl = h.get_slice(name)
+            if total == 0:  # a scalar (AdamW step): every rank holds the whole thing
+                return h.get_tensor(name)
+            n = sl.get_shape()[0]
+            lo, hi = max(start, first), min(stop, first + n)
+            if hi > lo:
+                pieces.append((lo, sl[lo - first:hi - first]))
+        if not pieces and stop > start:
+            raise KeyError(f"checkpoint has no rows {start}:{stop} of {name!r}")
+        pieces.sort(key=lambda x: x[0])
+        return torch.cat([p for _, p in pieces]) if pieces else None
+
+
+@torch.no_grad()
+def load_checkpoint(path: Path, modules: dict, rank: int, world: int) -> dict:
+    """Load every registered model and optimizer from `path` (any writer world size) and, when the
+    world size is unchanged, this rank's RNG state. Returns the trainer_state dict."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    for prefix, (model, optimizer) in modules.items():
+        index = _RowIndex(sorted(path.glob(f"{prefix}-rank*.safetensors")))
+        for name, p in model.named_parameters():
+            local, row0 = _local_rows(p)
+            if local.numel():
+                local.copy_(index.read(name, row0, row0 + local.shape[0]))
+            if optimizer is None or f"{name}::step" not in index.rows[0]:
+                continue
+            st = optimizer.state[p]
+            fused = any(g.get("fused") for g in optimizer.param_groups)
+            step = index.read(f"{name}::step", 0, 0).to(torch.float32)
+            st["step"] = step.to(p.device) if fused else step.cpu()
+            for key in ("exp_avg", "exp_avg_sq"):
+                st[key] = torch.zeros_like(p)
+                dst, r0 = _local_rows(st[key])
+                if dst.numel():
+                    dst.copy_(index.read(f"{name}::{key}", r0, r0 + dst.shape[0]))
+    if state.get("world") == world:
+        with safe_open(str(_rank_file(path, "rng", rank)), "pt") as f:
+            torch.set_rng_state(f.get_tensor("cpu"))
+            if torch.cuda.is_available() and "cuda" in f.keys():
+                torch.cuda.set_rng_state(f.get_tensor("cuda"))
+    else:
+        print0(f"[checkpoint] world size {state.get('world')} -> {world}: data position and weights carry over; "
+               "per-rank RNG streams are reseeded")
+    print0(f"[checkpoint] resumed from {path} (step {state['step']}, {state.get('samples_seen')} samples seen)")
+    return state
+
+
+def restore_scheduler(scheduler, step: int) -> None:
+    """Put a LambdaLR at optimizer step `step` (its lr is a pure function of the step)."""
+    scheduler.last_epoch = step
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag instead of killing the process; the loop finishes its optimizer
+    step, agrees with the other ranks (the flag rides on an all-reduce the step already does),
+    saves and exits 0. A second signal falls back to the default action."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
