@@ -79,3 +79,17 @@ def test_grpo_identical_rewards_give_exactly_zero():
     assert (adv[:3] == 0).all() and (adv[6:] == 0).all()
     assert adv[3:6].tolist() == pytest.approx([1 / math.sqrt(3), -2 / math.sqrt(3), 1 / math.sqrt(3)], abs=1e-6)
     assert (grpo_advantages(torch.tensor([1.0, 2.0]), 1) == 0).all()  # group of one: 0, not NaN
+
+
+def test_whitening_from_moments_equals_whitening_and_combines_across_shards():
+    from tulu.advantages import masked_moments, whiten_advantages, whiten_from_moments
+
+    torch.manual_seed(3)
+    a = torch.randn(6, 9, dtype=torch.float64)
+    mask = torch.rand(6, 9) > 0.3
+    own = whiten_from_moments(a, mask, masked_moments(a, mask).double())
+    assert torch.allclose(own.double(), whiten_advantages(a, mask).double(), atol=1e-5)
+    # two "ranks" holding halves: summed moments whiten like the whole batch at once
+    summed = masked_moments(a[:3], mask[:3]) + masked_moments(a[3:], mask[3:])
+    halves = torch.cat([whiten_from_moments(a[:3], mask[:3], summed), whiten_from_moments(a[3:], mask[3:], summed)])
+    assert torch.allclose(halves.double(), whiten_advantages(a, mask).double(), atol=1e-5)

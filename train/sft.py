@@ -122,8 +122,8 @@ def main(args: Args) -> None:
             loss, m = sft_loss(logits, batch["labels"].to(d.device), args.reduce_loss, grad_accum, d.world, global_tokens)
             loss.backward()
             metrics.add("train/loss", loss.detach() * len(batches))  # averaged over micro-batches: = their sum
-            metrics.add("_ce", m["ce_sum"])
-            metrics.add("_tokens", m["tokens"])
+            metrics.add("train/ce_sum", m["ce_sum"])
+            metrics.add("train/tokens", m["tokens"])
             window_tokens += int(batch["input_ids"].numel()) if args.packing else int(batch["attention_mask"].sum())
             window_slots += int(batch["input_ids"].numel())
         # Pre-clip global norm (a collective over ranks); an infinite max_norm only measures it.
@@ -141,8 +141,7 @@ def main(args: Args) -> None:
                      "perf/tokens_per_s_per_device": tps, "perf/padding_fraction": 1 - window_tokens / max(1, window_slots)}
             if peak:
                 extra["perf/mfu"] = tps * flops_tok / peak
-            out = metrics.log(step + 1, extra)
-            out["train/loss_per_token"] = out.pop("_ce") / max(out.pop("_tokens"), 1e-9)
+            out = metrics.log(step + 1, extra, ratios={"train/loss_per_token": ("train/ce_sum", "train/tokens")})
             if d.is_main:
                 tqdm.write(f"step {step + 1}/{total_steps} loss {out['train/loss']:.4f} "
                            f"loss/token {out['train/loss_per_token']:.4f} lr {extra['train/lr']:.2e} tok/s/dev {tps:.0f}")

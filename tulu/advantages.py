@@ -49,6 +49,23 @@ def whiten_advantages(
     return torch.where(mask.bool(), whitened, 0.0)
 
 
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[Σ x, Σ x², count] over the masked positions, (3,) fp32: what ranks all-reduce to whiten
+    over the global batch instead of their own slice."""
+    m = mask.to(torch.float32)
+    x = x.to(torch.float32)
+    return torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
+
+
+def whiten_from_moments(x: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean)·rsqrt(var + eps) with mean and unbiased var from (possibly all-reduced) moments;
+    0 on padding. Equals whiten_advantages when the moments are this batch's own."""
+    total, total_sq, n = moments.unbind()
+    mean = total / n.clamp(min=1)
+    var = (total_sq / n.clamp(min=1) - mean * mean) * n / (n - 1).clamp(min=1)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
+
+
 def grpo_advantages(
     scores: torch.Tensor, group_size: int, eps: float = 1e-8, unbiased: bool = True, scale_by_std: bool = True
 ) -> torch.Tensor:

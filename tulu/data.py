@@ -83,7 +83,9 @@ def build_dataset(kind: str, mixer: dict, tokenizer, row_fn: Callable, key_parts
                         desc=f"tokenizing {kind}")
         status = np.array(out["status"])
         out = out.select(np.flatnonzero(status == "ok"))
-        out = out.add_column("length", [len(x) for x in out[out.column_names[1]]])
+        if "length" not in out.column_names:  # a row_fn may report its own length (e.g. a pair's total)
+            col = "input_ids" if "input_ids" in out.column_names else out.column_names[1]
+            out = out.add_column("length", [len(x) for x in out[col]])
         tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=path.parent if path.parent.mkdir(parents=True, exist_ok=True) is None else None))
         out.remove_columns("status").save_to_disk(str(tmp))
         (tmp / "counts.txt").write_text(f"{int((status == 'dropped').sum())} {int((status == 'bad').sum())}")

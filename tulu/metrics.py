@@ -47,8 +47,10 @@ class Metrics:
         self.sums[name] = self.sums.get(name, 0) + value
         self.counts[name] = self.counts.get(name, 0) + 1
 
-    def log(self, step: int, extra: dict[str, float] | None = None) -> dict[str, float]:
-        """Reduce and emit. `extra` holds values already global (lr, throughput), logged as given."""
+    def log(self, step: int, extra: dict[str, float] | None = None,
+            ratios: dict[str, tuple[str, str]] | None = None) -> dict[str, float]:
+        """Reduce and emit. `extra` holds values already global (lr, throughput), logged as given;
+        `ratios` adds name = numerator / denominator of two reduced metrics (e.g. loss per token)."""
         names = sorted(self.sums)  # same order on every rank (all ranks add the same names)
         out: dict[str, float] = {}
         if names:
@@ -56,6 +58,8 @@ class Metrics:
             values = all_reduce(local, "avg").tolist()  # the one host sync of a log step
             out = dict(zip(names, values))
         out.update(extra or {})
+        for name, (num, den) in (ratios or {}).items():
+            out[name] = out[num] / max(out[den], 1e-12)
         self.sums, self.counts = {}, {}
         if self.is_main:
             with open(self.path, "a") as f:

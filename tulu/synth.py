@@ -1,21 +1,20 @@
 """Synthetic verifiable tasks a tiny model can learn on a CPU in minutes.
 
-Two-digit addition and subtraction phrased a few ways, answered as "... The answer is N." — checkable
-with the GSM8K rule (last number in the response), so the same rows serve SFT (`messages`),
-preference pairs (`chosen` correct vs `rejected` wrong), and RLVR prompts (`messages` prompt +
-`ground_truth` + `dataset`="gsm8k"). Rows are generated from a seed: no files, no downloads.
-Held-out problems (about 10 %) never appear in a training split.
+Addition and subtraction of numbers below 20, phrased a few ways, answered as "a + b = N." —
+checkable with the GSM8K rule (last number in the response), so the same rows serve SFT
+(`messages`), preference pairs (`chosen` correct vs `rejected` wrong), and RLVR prompts (`messages`
+prompt + `ground_truth` + `dataset`="gsm8k"). Rows are generated from a seed: no files, no downloads.
+The held-out split asks in a phrasing that never appears in any training split, so its accuracy
+measures whether a stage's gains carry over to unseen prompts rather than memorized strings.
 """
 from __future__ import annotations
 
 import random
 
-PHRASINGS = (
-    "What is {a} {op} {b}?",
-    "Compute {a} {op} {b}.",
-    "Calculate {a} {op} {b}.",
-    "{a} {op} {b} = ?",
-)
+PHRASINGS = {
+    "train": ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a} {op} {b}.", "{a} {op} {b} = ?"),
+    "eval": ("Work out {a} {op} {b}.",),
+}
 NAMES = {  # name -> (split, kind): the embedded datasets the mixer understands
     "tulu/synth-sft": ("train", "sft"),
     "tulu/synth-sft-eval": ("eval", "sft"),
@@ -25,24 +24,21 @@ NAMES = {  # name -> (split, kind): the embedded datasets the mixer understands
     "tulu/synth-rlvr-eval": ("eval", "rlvr"),
 }
 DEFAULT_ROWS = {"train": 4000, "eval": 200}
-
-
-def _is_heldout(a: int, b: int, op: str) -> bool:
-    return (a * 7 + b * 13 + (op == "-")) % 10 == 0
+# The difficulty lever: small enough that a 1M-parameter model learns some of it in a CPU minute or
+# two, large enough that SFT leaves headroom for DPO and RLVR (cpu_environment.md addendum).
+MAX_OPERAND = 19
 
 
 def _problems(split: str, n: int, seed: int):
     rng = random.Random(f"{split}-{seed}")
     while n > 0:
-        a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
-        if _is_heldout(a, b, op) != (split == "eval"):
-            continue
+        a, b, op = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND), rng.choice("+-")
         n -= 1
         yield rng, a, b, op, (a + b if op == "+" else a - b)
 
 
 def _answer(a: int, b: int, op: str, value: int) -> str:
-    return f"{a} {op} {b} = {value}. The answer is {value}."
+    return f"{a} {op} {b} = {value}."
 
 
 def make_rows(name: str, n: int | None = None, seed: int = 0) -> list[dict]:
@@ -50,7 +46,7 @@ def make_rows(name: str, n: int | None = None, seed: int = 0) -> list[dict]:
     split, kind = NAMES[name]
     rows = []
     for i, (rng, a, b, op, value) in enumerate(_problems(split, n or DEFAULT_ROWS[split], seed)):
-        prompt = [{"role": "user", "content": rng.choice(PHRASINGS).format(a=a, op=op, b=b)}]
+        prompt = [{"role": "user", "content": rng.choice(PHRASINGS[split]).format(a=a, op=op, b=b)}]
         row = {"id": f"{name}_{i}"}
         if kind == "sft":
             row["messages"] = prompt + [{"role": "assistant", "content": _answer(a, b, op, value)}]
@@ -67,7 +63,7 @@ def make_rows(name: str, n: int | None = None, seed: int = 0) -> list[dict]:
 def corpus(n: int = 2000) -> list[str]:
     """Text the tiny tokenizer's BPE merges are learned from (chat markers included)."""
     texts = []
-    for row in make_rows("tulu/synth-sft", n):
+    for row in make_rows("tulu/synth-sft", n) + make_rows("tulu/synth-sft-eval", n // 10):
         user, asst = row["messages"]
         texts.append(f"<|system|>\nYou are helpful.\n<|user|>\n{user['content']}\n<|assistant|>\n{asst['content']}")
     return texts

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 TINY_NAME = "tulu/tiny"
-_VERSION = "v1"  # bump when the recipe below changes, so stale caches are not reused
+_VERSION = "v3"  # bump when the recipe below changes, so stale caches are not reused
 SPECIAL_TOKENS = ["<|end_of_text|>", "<pad>", "<|begin_of_text|>"]
 VOCAB_SIZE = 512  # BPE target; the model's embedding rows = vocab rounded up to a multiple of 8
 
@@ -69,13 +69,23 @@ def _build(dst: Path) -> None:
     tokenizer.save_pretrained(dst)
 
 
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).exists() for f in REQUIRED_FILES)
+
+
 def tiny_dir() -> Path:
     """Path of the tiny model folder, building it on first use. Safe under concurrent ranks: each
-    builder writes a private temp folder and publishes it with one atomic rename."""
+    builder writes a private temp folder and publishes it with one atomic rename; a damaged cached
+    folder (missing files) is set aside and rebuilt."""
     dst = cache_root() / f"tiny-{_VERSION}"
-    if (dst / "config.json").exists():
+    if _complete(dst):
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and not _complete(dst):  # damaged (a complete one only appears by rename)
+        shutil.rmtree(dst, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=dst.parent))
     try:
         _build(tmp)
@@ -85,4 +95,6 @@ def tiny_dir() -> Path:
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not _complete(dst):
+        raise RuntimeError(f"building the tiny model in {dst} failed (missing files); remove the folder and retry")
     return dst

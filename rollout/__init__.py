@@ -1,0 +1,17 @@
+"""Rollout generation for RL: engine processes (pure-torch or vLLM) and weight sync from the trainer.
+
+    from rollout import EnginePool, SamplingParams, WeightSync
+    pool = EnginePool.start(model_path, num_engines=2) if rank == 0 else None   # rollout/pool.py
+    sync = WeightSync(pool)                                                      # every trainer rank
+    groups = pool.generate(prompt_token_ids, SamplingParams(n=4, temperature=1.0, max_tokens=512, seed=step))
+    sync.push(model, version=step)                                               # every trainer rank
+    sync.close(); pool.shutdown()
+
+Importing this package is light: torch, no transformers, no vllm.
+"""
+from rollout.engine import Completion, Engine, SamplingParams, TorchEngine
+from rollout.pool import EngineDied, EngineError, EnginePool, EngineTimeout
+from rollout.weight_sync import WeightReceiver, WeightSync
+
+__all__ = ["Completion", "Engine", "EngineDied", "EngineError", "EnginePool", "EngineTimeout", "SamplingParams",
+           "TorchEngine", "WeightReceiver", "WeightSync"]
