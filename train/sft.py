@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, cli
+from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
 from tulu.checkpoint import export_hf
 from tulu.data import build_sft_data, epoch_permutation, rank_microbatches, step_samples
 from tulu.dist import all_reduce, init_dist, print0, shutdown
@@ -36,7 +36,7 @@ from tulu.resume import StopRequest, find_resume_point, load_checkpoint, restore
 
 
 @dataclasses.dataclass
-class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs):
+class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     dataset_mixer_list: list[str] | None = None
     """Mixture as `name frac_or_count ...` (a value with "." is a fraction, else a row count).
     Neither this nor --dataset_mixer given: the embedded synthetic set tulu/synth-sft."""
@@ -57,16 +57,34 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs):
     """Skip (and count) malformed rows instead of stopping with an error naming the row and field."""
 
 
+def plan(args: Args, mixer: dict) -> None:
+    """--dry_run: the schedule and per-rank memory at --dry_run_world_size, then exit."""
+    from tulu.plan import count_rows, default_world, print_plan, steps_line
+
+    world = default_world(args.preset, args.dry_run_world_size)
+    G = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    steps, schedule = steps_line(count_rows(mixer), G, args.num_train_epochs, args.max_train_steps, args.warmup_ratio)
+    lines = [("global batch", f"{G} sequences ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
+                              f"x {world} ranks)"), ("tokens / step (at most)", G * args.max_seq_length), *schedule]
+    if steps:
+        lines.append(("tokens (at most)", f"{steps * G * args.max_seq_length:.3e}"))
+    lines.append(("offloaded to host", "params, grads, AdamW state" if args.cpu_offload else "nothing"))
+    print_plan("sft", world=world, preset=args.preset, cpu_offload=args.cpu_offload, lines=lines,
+               models={"policy": (args.model_name_or_path, "causal_lm", True)})
+
+
 @record  # torchrun reports the first failing rank's exception once and stops the others
 def main(args: Args) -> None:
+    given = args.dataset_mixer_list is not None or args.dataset_mixer is not None
+    mixer = parse_mixer(args.dataset_mixer_list, args.dataset_mixer) if given else {"tulu/synth-sft": 1.0}
+    if args.dry_run:
+        return plan(args, mixer)
     d = init_dist()
     stop = StopRequest()
     torch.manual_seed(args.seed)
     compute_dtype = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.model_revision,
                                args.chat_template_name, args.use_slow_tokenizer)
-    given = args.dataset_mixer_list is not None or args.dataset_mixer is not None
-    mixer = parse_mixer(args.dataset_mixer_list, args.dataset_mixer) if given else {"tulu/synth-sft": 1.0}
     data = build_sft_data(mixer, tokenizer, args.max_seq_length, args.skip_bad_rows, args.dataset_mix_dir,
                           args.preprocessing_num_workers, d.is_main)
     model = build_model(args.model_name_or_path, d.device, revision=args.model_revision, vocab_size=len(tokenizer),

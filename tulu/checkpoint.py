@@ -89,6 +89,10 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, is_
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_parameters": total}, "weight_map": weight_map}, indent=2))
         model.config.dtype = dtype
+        # The class that was trained, not the checkpoint we started from (an RM starts from a causal
+        # LM), and not FSDP's wrapper subclass (FSDPLlamaFor...).
+        model.config.architectures = [next(c.__name__ for c in type(model).__mro__
+                                           if c.__module__.startswith("transformers"))]
         model.config.save_pretrained(tmp)
         GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                          pad_token_id=tokenizer.pad_token_id).save_pretrained(tmp)

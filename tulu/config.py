@@ -106,6 +106,17 @@ class CheckpointArgs:
         return completed_steps % int(spec) == 0
 
 
+@dataclasses.dataclass
+class PlanArgs:
+    preset: str | None = None
+    """A Tulu 3 seed command (tulu/presets.py): tulu3_8b_sft, tulu3_70b_sft, tulu3_8b_dpo, tulu3_70b_dpo,
+    tulu3_8b_rm, tulu3_8b_rlvr, tulu3_70b_rlvr. Flags after it override it."""
+    dry_run: bool = False
+    """Print the plan (batch, steps, tokens, per-rank memory, offload) at --dry_run_world_size and exit."""
+    dry_run_world_size: int | None = None
+    """World size of the plan (default: the preset's original topology, else 1)."""
+
+
 def _bool_fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
 
@@ -130,6 +141,9 @@ def normalize_bool_flags(cls, argv: list[str]) -> list[str]:
 
 def cli(cls, argv: list[str] | None = None, description: str | None = None):
     """Parse argv into `cls` (flat flags with underscores, explicit True/False for booleans)."""
-    argv = normalize_bool_flags(cls, list(sys.argv[1:] if argv is None else argv))
+    from tulu.presets import expand
+
+    argv, _ = expand(list(sys.argv[1:] if argv is None else argv), sys.argv[0])
+    argv = normalize_bool_flags(cls, argv)
     return tyro.cli(cls, args=argv, config=(tyro.conf.FlagConversionOff,), use_underscores=True,
                     description=description)

@@ -134,5 +134,9 @@ def rank_microbatches(samples: list[int], lengths: np.ndarray, rank: int, world:
     if not packing:
         mbs = [samples[k * per_device:(k + 1) * per_device] for k in range(grad_accum * world)]
         return [mbs[j * world + rank] for j in range(grad_accum)]
-    bins = best_fit_decreasing([int(lengths[i]) for i in samples], capacity)
-    return [[samples[i] for i in b] for b in deal_bins(bins, [int(lengths[i]) for i in samples], world)[rank]]
+    sizes = [int(lengths[i]) for i in samples]
+    # Cap the bin size so the batch spreads over at least world·grad_accum rows: best fit alone would
+    # fill as few bins as possible and leave some ranks an empty micro-batch.
+    capacity = min(capacity, max(max(sizes), -(-sum(sizes) // (world * grad_accum))))
+    bins = best_fit_decreasing(sizes, capacity)
+    return [[samples[i] for i in b] for b in deal_bins(bins, sizes, world)[rank]]

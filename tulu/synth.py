@@ -1,8 +1,9 @@
 """Synthetic verifiable tasks a tiny model can learn on a CPU in minutes.
 
-Addition and subtraction of numbers below 20, phrased a few ways, answered as "a + b = N." —
-checkable with the GSM8K rule (last number in the response), so the same rows serve SFT
-(`messages`), preference pairs (`chosen` correct vs `rejected` wrong), and RLVR prompts (`messages`
+Addition and subtraction of numbers below 20, phrased a few ways, answered as "a + b = N. The
+answer is N." — checkable with the GSM8K rule (last number in the response), so the same rows serve SFT
+(`messages`), preference pairs (`chosen` correct vs `rejected` whose final answer contradicts its
+working), and RLVR prompts (`messages`
 prompt + `ground_truth` + `dataset`="gsm8k"). Rows are generated from a seed: no files, no downloads.
 The held-out split asks in a phrasing that never appears in any training split, so its accuracy
 measures whether a stage's gains carry over to unseen prompts rather than memorized strings.
@@ -37,8 +38,8 @@ def _problems(split: str, n: int, seed: int):
         yield rng, a, b, op, (a + b if op == "+" else a - b)
 
 
-def _answer(a: int, b: int, op: str, value: int) -> str:
-    return f"{a} {op} {b} = {value}."
+def _answer(a: int, b: int, op: str, value: int, final: int | None = None) -> str:
+    return f"{a} {op} {b} = {value}. The answer is {value if final is None else final}."
 
 
 def make_rows(name: str, n: int | None = None, seed: int = 0) -> list[dict]:
@@ -53,7 +54,9 @@ def make_rows(name: str, n: int | None = None, seed: int = 0) -> list[dict]:
         elif kind == "pref":
             wrong = value + rng.choice([-1, 1]) * rng.randint(1, 10)
             row["chosen"] = prompt + [{"role": "assistant", "content": _answer(a, b, op, value)}]
-            row["rejected"] = prompt + [{"role": "assistant", "content": _answer(a, b, op, wrong)}]
+            # The rejected answer contradicts its own (correct) working: a preference a 1M-parameter
+            # model can learn in CPU minutes, and the GSM8K rule (last number) still marks it wrong.
+            row["rejected"] = prompt + [{"role": "assistant", "content": _answer(a, b, op, value, final=wrong)}]
         else:
             row.update(messages=prompt, ground_truth=str(value), dataset="gsm8k")
         rows.append(row)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 TINY_NAME = "tulu/tiny"
-_VERSION = "v3"  # bump when the recipe below changes, so stale caches are not reused
+_VERSION = "v4"  # bump when the recipe below changes, so stale caches are not reused
 SPECIAL_TOKENS = ["<|end_of_text|>", "<pad>", "<|begin_of_text|>"]
 VOCAB_SIZE = 512  # BPE target; the model's embedding rows = vocab rounded up to a multiple of 8
 
@@ -57,6 +57,7 @@ def tiny_config(vocab_size: int, **overrides):
 
 
 def _build(dst: Path) -> None:
+    from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
@@ -64,8 +65,12 @@ def _build(dst: Path) -> None:
     config = tiny_config(len(tokenizer), eos_token_id=ids[0], pad_token_id=ids[1], bos_token_id=ids[2])
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=ids[0], pad_token_id=ids[1], bos_token_id=ids[2])
-    model.save_pretrained(dst, safe_serialization=True)
+    # Written by hand: transformers' save_pretrained silently skips the weights on any rank but 0
+    # of an initialized process group, and every torchrun rank may be the one that builds this.
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    config.save_pretrained(dst)
+    GenerationConfig(eos_token_id=ids[0], pad_token_id=ids[1], bos_token_id=ids[2]).save_pretrained(dst)
     tokenizer.save_pretrained(dst)
 
 
@@ -89,6 +94,8 @@ def tiny_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=dst.parent))
     try:
         _build(tmp)
+        if not _complete(tmp):  # never publish a partial folder (seen with another transformers version)
+            raise RuntimeError(f"tiny model build wrote only {sorted(os.listdir(tmp))}")
         try:
             os.rename(tmp, dst)
         except OSError:  # another process published first; theirs is identical

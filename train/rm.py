@@ -1,0 +1,237 @@
+"""Reward modeling (Tulu 3 RM stage): a scalar head on the SFT model, Bradley–Terry loss on preference pairs.
+
+Embedded default (CPU, nothing downloaded): synthetic arithmetic pairs (chosen = the correct answer,
+rejected = a wrong one), held-out accuracy on tulu/synth-pref-eval. Start it from an SFT export:
+    torchrun --standalone --nproc_per_node 2 train/sft.py --output_dir output/sft
+    torchrun --standalone --nproc_per_node 2 train/rm.py --model_name_or_path output/sft --output_dir output/rm
+
+Tulu 3 8B RM (open-instruct docs/tulu3.md; 1 node x 8 GPUs; the optimizer flags the seed command
+left at their defaults are spelled out):
+    torchrun --nproc_per_node 8 train/rm.py \
+      --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-SFT --chat_template tulu \
+      --dataset_mixer '{"allenai/llama-3.1-tulu-3-8b-preference-mixture": 1.0}' --dataset_train_splits train \
+      --dataset_eval_mixer '{"allenai/ultrafeedback_binarized_cleaned": 1.0}' --dataset_eval_splits test_prefs \
+      --max_token_length 2048 --max_prompt_token_length 2048 --per_device_train_batch_size 1 \
+      --per_device_eval_batch_size 1 --gradient_accumulation_steps 32 --learning_rate 3e-6 \
+      --lr_scheduler_type linear --warmup_ratio 0 --num_train_epochs 1 --eps 1e-5 --weight_decay 0.01 \
+      --packing False --gradient_checkpointing --seed 1 --output_dir output/rm_8b --with_tracking
+
+The export is a Hugging Face `*ForSequenceClassification` folder (num_labels=1, pad_token_id set):
+`AutoModelForSequenceClassification.from_pretrained(output_dir)` loads it, and train/rlvr.py takes it
+as --reward_model_path and as the value model's initialization.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+from tqdm import tqdm
+
+from tulu.checkpoint import export_hf
+from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
+from tulu.data import epoch_permutation, rank_microbatches, step_samples
+from tulu.dist import all_reduce, init_dist, print0, shutdown
+from tulu.losses import bradley_terry_loss
+from tulu.metrics import Metrics, start_tracker
+from tulu.mixer import parse_mixer
+from tulu.model import build_model, load_tokenizer
+from tulu.optim import build_optimizer, build_scheduler
+from tulu.resume import StopRequest, find_resume_point, load_checkpoint, restore_scheduler, save_checkpoint
+from tulu.reward import build_pref_data, collate_pairs, evaluate, score_head_init, sequence_scores
+
+
+@dataclasses.dataclass
+class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
+    dataset_mixer: str | None = None
+    """Training mixture as a JSON dict {"name": frac_or_count} (a value with "." is a fraction, else a
+    row count); sources are concatenated in order without shuffling (the original's combine_dataset).
+    Neither this nor --dataset_mixer_list given: the embedded tulu/synth-pref (and tulu/synth-pref-eval)."""
+    dataset_mixer_list: list[str] | None = None
+    """Training mixture as `name frac_or_count ...`."""
+    dataset_train_splits: list[str] = dataclasses.field(default_factory=lambda: ["train"])
+    """Split of each training dataset (one value applies to all)."""
+    dataset_eval_mixer: str | None = None
+    """Eval mixture as a JSON dict (all of it is evaluated; the original cut it to 100 pairs)."""
+    dataset_eval_splits: list[str] = dataclasses.field(default_factory=lambda: ["test"])
+    """Split of each eval dataset (one value applies to all)."""
+    chat_template: str | None = None
+    """The original RM's name for --chat_template_name (takes precedence when given)."""
+    max_token_length: int | None = 256
+    """Drop pairs whose chosen or rejected conversation is longer (tokens); nothing is truncated."""
+    max_prompt_token_length: int | None = 128
+    """Drop pairs whose prompt (all but the final assistant turn) is longer (tokens)."""
+    per_device_eval_batch_size: int = 16
+    """Preference pairs per eval micro-batch per rank."""
+    eval_steps: int | None = None
+    """Evaluate every this many optimizer steps (always once at the end when an eval mixture exists)."""
+    packing: bool = True
+    """Padding-free rows (score at each document's last token), each holding at most the tokens of a
+    padded micro-batch of per_device_train_batch_size of the step's longest pair. False: right-padded."""
+    preprocessing_num_workers: int | None = None
+    """Processes for tokenization (cached on disk, keyed by data, tokenizer, template and lengths)."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows instead of stopping with an error naming the row and field."""
+    # Optimizer: the original RM's defaults (torch AdamW), which the Tulu 3 command relied on.
+    eps: float = 1e-5
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """AdamW weight decay on matrices (torch's default, which the original kept; 1-D parameters never decay)."""
+    warmup_ratio: float = 0.0
+    """Fraction of optimizer steps spent warming up linearly from 0 (the original RM had none)."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate (Tulu 3 8B: 3e-6)."""
+    num_train_epochs: int = 1
+    """Passes over the training data."""
+    seed: int = 1
+    """Seed for data order, the score head's init and every RNG the run draws from (original default 1)."""
+
+
+def plan(args: Args, mixer: dict) -> None:
+    """--dry_run: the schedule and per-rank memory at --dry_run_world_size, then exit."""
+    from tulu.plan import count_rows, default_world, print_plan, steps_line
+
+    world = default_world(args.preset, args.dry_run_world_size)
+    G = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    steps, schedule = steps_line(count_rows(mixer, args.dataset_train_splits[0]), G, args.num_train_epochs,
+                                 args.max_train_steps, args.warmup_ratio)
+    lines = [("global batch", f"{G} pairs ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
+                              f"x {world} ranks)"), ("tokens / step (at most)", 2 * G * (args.max_token_length or 0)),
+             *schedule, ("offloaded to host", "params, grads, AdamW state" if args.cpu_offload else "nothing")]
+    print_plan("rm", world=world, preset=args.preset, cpu_offload=args.cpu_offload, lines=lines,
+               models={"reward model": (args.model_name_or_path, "reward", True)})
+
+
+@record
+def main(args: Args) -> None:
+    given = args.dataset_mixer_list is not None or args.dataset_mixer is not None
+    mixer = parse_mixer(args.dataset_mixer_list, args.dataset_mixer) if given else {"tulu/synth-pref": 1.0}
+    if args.dry_run:
+        return plan(args, mixer)
+    d = init_dist()
+    stop = StopRequest()
+    torch.manual_seed(args.seed)
+    compute_dtype = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.model_revision,
+                               args.chat_template or args.chat_template_name, args.use_slow_tokenizer)
+    eval_mixer = (parse_mixer(mixer=args.dataset_eval_mixer) if args.dataset_eval_mixer
+                  else None if given else {"tulu/synth-pref-eval": 1.0})
+    limits = (args.max_token_length, args.max_prompt_token_length, args.skip_bad_rows)
+    data = build_pref_data(mixer, args.dataset_train_splits, tokenizer, *limits, args.preprocessing_num_workers, d.is_main)
+    eval_data = (build_pref_data(eval_mixer, args.dataset_eval_splits, tokenizer, *limits,
+                                 args.preprocessing_num_workers, d.is_main) if eval_mixer else None)
+    for split, ds in (("train", data), ("eval", eval_data)):
+        if ds is not None:
+            print0(f"[rm] {split}: {len(ds)} pairs kept; {ds.dropped} dropped (chosen/rejected over "
+                   f"{args.max_token_length} tokens or prompt over {args.max_prompt_token_length}); {ds.skipped} bad rows skipped")
+
+    model = build_model(args.model_name_or_path, d.device, kind="reward", revision=args.model_revision,
+                        vocab_size=len(tokenizer), attn_implementation="flash_attention_2" if args.use_flash_attn else "sdpa",
+                        compute_dtype=compute_dtype, cpu_offload=args.cpu_offload,
+                        reshard_after_forward=args.reshard_after_forward,
+                        gradient_checkpointing=args.gradient_checkpointing,
+                        init_missing=score_head_init(args.seed), seed=args.seed)
+    # HF's pooling inside forward (whose result we ignore) refuses batches > 1 without a pad id, and
+    # the export needs it for anyone who scores through HF's own forward.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, eps=args.eps)
+
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * d.world
+    steps_per_epoch = -(-len(data) // global_batch)
+    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    scheduler = build_scheduler(optimizer, total_steps, int(total_steps * args.warmup_ratio), args.lr_scheduler_type)
+    start_step = 0
+    resume = find_resume_point(args.output_dir, None if args.overwrite_output_dir else args.resume_from_checkpoint)
+    if resume is not None:
+        state = load_checkpoint(resume, {"model": (model, optimizer)}, d.rank, d.world)
+        if state["samples_seen"] % global_batch:
+            raise ValueError(f"{resume}: {state['samples_seen']} pairs seen is not a whole number of steps of "
+                             f"the new global batch {global_batch}")
+        start_step = state["samples_seen"] // global_batch
+        restore_scheduler(scheduler, start_step)
+    tracker = start_tracker(args, dataclasses.asdict(args))
+    metrics = Metrics(args.output_dir, d.is_main, d.device, tracker)
+    eval_log = Metrics(args.output_dir, d.is_main, d.device, tracker)  # eval lines never flush a train window
+    print0(f"[rm] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, world {d.world}, global batch "
+           f"{global_batch} pairs, {total_steps} steps, packing={args.packing}, dtype={compute_dtype}")
+
+    def run_eval(step: int) -> None:
+        results, scores = evaluate(model, eval_data, tokenizer.pad_token_id, d, args.per_device_eval_batch_size,
+                                   args.packing, args.use_flash_attn)
+        out = eval_log.log(step, {f"eval/rm/{k}": v for k, v in results.items()})
+        print0(f"[rm] eval step {step}: accuracy {results['accuracy']:.4f} loss {results['loss']:.4f}")
+        if d.is_main:
+            Path(args.output_dir, "eval_results.json").write_text(
+                json.dumps({"step": step, "pairs": len(eval_data), **out}, indent=2))
+            with open(Path(args.output_dir, "eval_scores.jsonl"), "w") as f:  # per pair, for analysis and tests
+                for pair_id, (c, r) in zip(eval_data.ds["id"], scores.tolist()):
+                    f.write(json.dumps({"id": pair_id, "chosen_score": c, "rejected_score": r}) + "\n")
+
+    window_tokens, window_start = 0, time.perf_counter()
+    perm_epoch, stopped = None, False
+    for step in tqdm(range(start_step, total_steps), disable=not d.is_main, desc="rm", mininterval=5,
+                     initial=start_step, total=total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        if perm_epoch != epoch:
+            perm, perm_epoch = epoch_permutation(len(data), args.seed, epoch), epoch
+        stop_flag = all_reduce(torch.tensor(float(stop.requested), device=d.device))  # every rank agrees
+        samples = step_samples(perm, step_in_epoch, global_batch)
+        # A packed micro-batch holds no more tokens than the padded one of per_device pairs would.
+        capacity = args.per_device_train_batch_size * int(data.lengths[samples].max())
+        mbs = rank_microbatches(samples, data.lengths, d.rank, d.world, args.per_device_train_batch_size,
+                                args.gradient_accumulation_steps, args.packing, capacity)
+        batches = [collate_pairs(data.rows(mb), tokenizer.pad_token_id, args.packing) for mb in mbs]
+        # The step's gradient is the mean over its global_batch pairs whatever the layout: each micro-
+        # batch contributes its pair-sum / global_batch, and × world undoes FSDP's average over ranks.
+        # (The pair count is len(samples) on every rank by construction: no collective needed.)
+        for batch in batches:
+            scores = sequence_scores(model, batch, d.device, args.use_flash_attn)  # (2n,) chosen then rejected
+            n = batch["pairs"]
+            weight = n * d.world / global_batch  # this micro-batch's share of the step's pair mean
+            # A dummy row (n = 0) still runs backward, with weight 0, to join FSDP's collectives.
+            chosen, rejected = (scores[:n], scores[n:]) if n else (scores[:1] * 0, scores[:1] * 0)
+            loss, m = bradley_terry_loss(chosen, rejected)
+            (loss * weight).backward()
+            for k, v in m.items():  # Metrics averages over micro-batches and ranks: this gives the per-pair mean
+                metrics.add(f"train/rm/{k}", v * weight * len(batches))
+            window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"))
+        metrics.add("train/grad_norm", grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
+            tps = window_tokens / (time.perf_counter() - window_start)
+            out = metrics.log(step + 1, {"train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
+                                         "perf/tokens_per_s_per_device": tps})
+            if d.is_main:
+                tqdm.write(f"step {step + 1}/{total_steps} loss {out['train/rm/loss']:.4f} accuracy "
+                           f"{out['train/rm/accuracy']:.3f} margin {out['train/rm/margin']:.3f} lr {out['train/lr']:.2e} tok/s/dev {tps:.0f}")
+            window_tokens, window_start = 0, time.perf_counter()
+        if eval_data is not None and ((args.eval_steps and (step + 1) % args.eval_steps == 0) or step + 1 == total_steps):
+            run_eval(step + 1)
+        stopping = bool(stop_flag > 0)
+        if stopping or args.should_save(step + 1, steps_per_epoch):
+            path = save_checkpoint(args.output_dir, step + 1, {"model": (model, optimizer)},
+                                   {"samples_seen": (step + 1) * global_batch}, d.rank, d.world,
+                                   args.keep_last_n_checkpoints)
+            if args.save_hf_every_checkpoint:
+                export_hf(model, tokenizer, path.parent / f"hf_{path.name}", d.is_main)
+        if stopping:
+            stopped = True
+            print0(f"[rm] stopped by signal after step {step + 1}; rerun the same command to resume")
+            break
+
+    if not stopped:
+        export_hf(model, tokenizer, args.output_dir, d.is_main)  # (export_hf records the HF class name)
+        print0(f"[rm] saved Hugging Face model to {args.output_dir}")
+    del model, optimizer, scheduler
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(cli(Args, description=__doc__))
