@@ -1,0 +1,51 @@
+"""CI smoke for the throughput benchmarks: each runs in a tiny configuration and prints its markdown table.
+
+Not a measurement: one or two steps at a short length, only checking that the benchmark code, the
+scripts it launches and the table it prints still fit together. TRL columns are filled only when trl
+is importable (the `bench` extra); without it the tables say "n/a". No GPU needed.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, script_env
+
+TINY = ["--steps", "1", "--warmup", "0", "--rounds", "1", "--max_seq_length", "64",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--examples", "8",
+        "--median_tokens", "24"]
+
+
+def run_bench(*args: str, timeout: int = 120) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{args[0]} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def table_rows(out: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_sft_throughput_prints_packed_and_padded():
+    out = run_bench("benchmarks/sft_throughput.py", *TINY)
+    assert "| layout | tokens/s (non-pad, median) | padding fraction |" in out
+    packed, padded = table_rows(out, "packed")[0], table_rows(out, "padded")[0]
+    assert float(packed[1]) > 0 and float(padded[1]) > 0
+    assert float(packed[2]) == 0.0  # padding-free rows carry no padding
+    assert 0.0 <= float(padded[2]) < 1.0
+
+
+def test_throughput_ours_vs_trl_table():
+    out = run_bench("benchmarks/throughput.py", *TINY, "--layouts", "packed", "--no-dpo")
+    assert "| layout | ours tok/s | TRL tok/s | ours / TRL |" in out
+    row = table_rows(out, "packed")[0]
+    assert float(row[1]) > 0
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        assert "n/a (trl not installed)" in row[2]
