@@ -1,6 +1,6 @@
 """Synthetic verifiable tasks a tiny model can learn on a CPU in minutes.
 
-Addition and subtraction of numbers below 20, phrased a few ways, answered as "a + b = N. The
+Addition and subtraction of single-digit numbers, phrased a few ways, answered as "a + b = N. The
 answer is N." — checkable with the GSM8K rule (last number in the response), so the same rows serve SFT
 (`messages`), preference pairs (`chosen` correct vs `rejected` whose final answer contradicts its
 working), and RLVR prompts (`messages`
@@ -27,7 +27,11 @@ NAMES = {  # name -> (split, kind): the embedded datasets the mixer understands
 DEFAULT_ROWS = {"train": 4000, "eval": 200}
 # The difficulty lever: small enough that a 1M-parameter model learns some of it in a CPU minute or
 # two, large enough that SFT leaves headroom for DPO and RLVR (cpu_environment.md addendum).
-MAX_OPERAND = 19
+MAX_OPERAND = 9
+# Noisy demonstrations: this fraction of SFT answers is wrong (a consistent but wrong sum), as
+# imperfect human or model-written data is. Imitation learns the noise with the facts; a verifier
+# reward (RLVR) and preference pairs have something to correct.
+SFT_NOISE = 0.3
 
 
 def _problems(split: str, n: int, seed: int):
@@ -50,7 +54,8 @@ def make_rows(name: str, n: int | None = None, seed: int = 0) -> list[dict]:
         prompt = [{"role": "user", "content": rng.choice(PHRASINGS[split]).format(a=a, op=op, b=b)}]
         row = {"id": f"{name}_{i}"}
         if kind == "sft":
-            row["messages"] = prompt + [{"role": "assistant", "content": _answer(a, b, op, value)}]
+            shown = value + rng.choice([-1, 1]) * rng.randint(1, 3) if split == "train" and rng.random() < SFT_NOISE else value
+            row["messages"] = prompt + [{"role": "assistant", "content": _answer(a, b, op, shown)}]
         elif kind == "pref":
             wrong = value + rng.choice([-1, 1]) * rng.randint(1, 10)
             row["chosen"] = prompt + [{"role": "assistant", "content": _answer(a, b, op, value)}]

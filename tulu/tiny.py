@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 TINY_NAME = "tulu/tiny"
-_VERSION = "v4"  # bump when the recipe below changes, so stale caches are not reused
+_VERSION = "v5"  # bump when the recipe below changes, so stale caches are not reused
 SPECIAL_TOKENS = ["<|end_of_text|>", "<pad>", "<|begin_of_text|>"]
 VOCAB_SIZE = 512  # BPE target; the model's embedding rows = vocab rounded up to a multiple of 8
 

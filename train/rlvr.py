@@ -1,0 +1,504 @@
+"""RL with verifiable rewards (Tulu 3 stage 4): PPO exactly as the original, and GRPO.
+
+Generation runs in a separate pool of engine processes (rollout/: vLLM on GPUs, TorchEngine on
+CPU) that get the new policy weights after every training step through their own process group.
+With --async_mode (default, as the original) the next batch is generated while the current one
+trains: one step off-policy.
+
+Embedded default (CPU): the tiny model on synthetic arithmetic prompts, verified with the GSM8K rule.
+    torchrun --standalone --nproc_per_node 2 train/rlvr.py --model_name_or_path output/demo/sft
+
+Tulu 3 8B RLVR (open-instruct docs/tulu3.md; 7 learner GPUs + 1 vLLM GPU):
+    torchrun --nproc_per_node 7 train/rlvr.py --dataset_mixer '{"allenai/RLVR-GSM-MATH-IF-Mixed-Constraints": 1.0}' \
+      --dataset_train_splits train --dataset_eval_mixer '{"allenai/RLVR-GSM-MATH-IF-Mixed-Constraints": 128}' \
+      --dataset_eval_splits train --max_token_length 2048 --max_prompt_token_length 2048 --response_length 2048 \
+      --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-DPO --reward_model_path allenai/Llama-3.1-Tulu-3-8B-RM \
+      --non_stop_penalty --stop_token eos --temperature 1.0 --ground_truths_key ground_truth --chat_template tulu \
+      --sft_messages_key messages --learning_rate 3e-7 --total_episodes 10000000 --penalty_reward_value -10.0 \
+      --per_device_train_batch_size 2 --local_rollout_forward_batch_size 2 --local_mini_batch_size 32 \
+      --local_rollout_batch_size 32 --num_epochs 4 --beta 0.05 --apply_verifiable_reward true \
+      --reward_model_multiplier 0.0 --num_evals 3 --save_freq 100 --seed 3 --gradient_checkpointing --with_tracking
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+from tqdm import tqdm
+
+from rollout.engine import SamplingParams
+from rollout.pool import EnginePool
+from rollout.weight_sync import WeightSync
+from tulu.advantages import gae, grpo_advantages, masked_moments, whiten_from_moments
+from tulu.checkpoint import export_hf
+from tulu.config import LogArgs, PlanArgs, cli
+from tulu.data import epoch_permutation, step_samples
+from tulu.dist import all_reduce, broadcast_object, init_dist, print0, shutdown
+from tulu.metrics import Metrics, start_tracker
+from tulu.mixer import parse_mixer
+from tulu.model import build_model, load_tokenizer
+from tulu.ops import masked_mean, masked_whiten
+from tulu.optim import build_optimizer, build_scheduler
+from tulu.resume import StopRequest, find_resume_point, load_checkpoint, restore_scheduler, save_checkpoint
+from tulu.reward import score_head_init
+from tulu.rl_losses import grpo_policy_loss, kl_penalty, ppo_policy_loss, ppo_rewards, ppo_value_loss, rlvr_scores
+from tulu.rollouts import build_prompt_data, response_logprobs, response_values, rollout_batch, sequence_scores
+from tulu.verifiers import verify_batch
+
+
+@dataclasses.dataclass
+class Args(LogArgs, PlanArgs):
+    # --- data
+    dataset_mixer: str | None = None
+    """Training prompts as a JSON dict {"name": frac_or_count} (rows: messages, ground_truth, dataset)."""
+    dataset_mixer_list: list[str] | None = None
+    """Training prompts as `name frac_or_count ...`. Neither given: the embedded tulu/synth-rlvr."""
+    dataset_train_splits: list[str] = dataclasses.field(default_factory=lambda: ["train"])
+    """Split of each training dataset (hub datasets)."""
+    dataset_eval_mixer: str | None = None
+    """Held-out prompts (JSON dict). Default with the embedded data: tulu/synth-rlvr-eval (200 rows)."""
+    dataset_eval_splits: list[str] = dataclasses.field(default_factory=lambda: ["train"])
+    """Split of each eval dataset."""
+    max_token_length: int | None = 512
+    """Drop rows whose full chat (prompt + reference answer) is longer than this."""
+    max_prompt_token_length: int | None = 256
+    """Drop rows whose prompt is longer than this."""
+    response_length: int = 24
+    """Tokens generated per response (the response tensor width)."""
+    chat_template: str = "tulu"
+    """Chat template name."""
+    sft_messages_key: str = "messages"
+    """Column holding the prompt messages."""
+    ground_truths_key: str = "ground_truth"
+    """Column holding the ground truth the verifier checks against."""
+    skip_bad_rows: bool = False
+    """Skip (and count) malformed rows instead of stopping with an error naming the row and field."""
+    # --- models
+    model_name_or_path: str = "tulu/tiny"
+    """Policy (and reference) initialization: in Tulu 3 the DPO model."""
+    model_revision: str | None = None
+    """Hub revision of the policy."""
+    reward_model_path: str | None = None
+    """Reward model (loaded only when reward_model_multiplier != 0) and default value-model init."""
+    value_model_path: str | None = None
+    """Value model initialization (default: reward_model_path; else the policy with a fresh head)."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing for the policy and value model."""
+    cpu_offload: bool = False
+    """Offload parameters, gradients and optimizer state of the trained models to the host."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute dtype (auto = bf16 on GPU, fp32 on CPU); master weights and optimizer stay fp32."""
+    # --- generation
+    engine: Literal["auto", "torch", "vllm"] = "auto"
+    """Rollout engine: vllm on GPU, torch (TorchEngine) on CPU."""
+    vllm_num_engines: int = 1
+    """Engine processes (each its own GPU(s), or a share of CPU threads)."""
+    vllm_tensor_parallel_size: int = 1
+    """GPUs per vLLM engine."""
+    async_mode: bool = True
+    """Generate the next batch while training on this one (one step off-policy, as the original)."""
+    temperature: float = 1.0
+    """Sampling temperature (the learner divides logits by temperature + 1e-7, as the original)."""
+    eval_temperature: float = 0.0
+    """Temperature of the held-out evaluation (0 = greedy)."""
+    stop_token: Literal["eos", "period"] = "eos"
+    """Stop generating at the eos token or at the first '.' token."""
+    # --- rewards
+    apply_verifiable_reward: bool = True
+    """Add verification_reward · verified (GSM8K / MATH / IFEval checkers by the row's dataset)."""
+    verification_reward: float = 10.0
+    """Reward for a verified answer."""
+    reward_model_multiplier: float = 0.0
+    """Weight of the reward model's score (0: the RM is never built or run)."""
+    non_stop_penalty: bool = True
+    """Replace the score of a response that never emitted the stop token by penalty_reward_value."""
+    penalty_reward_value: float = -10.0
+    """Score of a response without the stop token (with non_stop_penalty)."""
+    min_response_length: int = 0
+    """A stopped response shorter than this also gets the penalty (original's contain_stop rule)."""
+    # --- RL
+    algo: Literal["ppo", "grpo"] = "ppo"
+    """ppo: value model, GAE, KL in the reward (Tulu 3). grpo: group-normalized advantages, KL in the loss."""
+    beta: float = 0.05
+    """KL coefficient against the reference (initial) policy."""
+    kl_estimator: Literal["auto", "kl1", "kl2", "kl3"] = "auto"
+    """kl1 = logp − ref, kl2 = ½·kl1², kl3 = exp(−kl1) − 1 + kl1. auto: kl1 for ppo (in the reward, as
+    Tulu 3), kl3 for grpo (in the loss: kl1's gradient there just lowers every sampled token's log-prob)."""
+    cliprange: float = 0.2
+    """PPO ratio clip."""
+    cliprange_value: float = 0.2
+    """Value clip."""
+    vf_coef: float = 0.1
+    """Value loss weight."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards (mean kept) before GAE."""
+    grpo_loss_normalization: Literal["token", "sequence"] = "token"
+    """GRPO: mean over the micro-batch's tokens, or per-sequence means (see Dr. GRPO, Liu et al. 2025)."""
+    # --- optimization
+    learning_rate: float = 3e-4
+    """AdamW learning rate of the policy and the value model (tiny demo; Tulu 3 8B: 3e-7)."""
+    warmup_ratio: float = 0.0
+    """Fraction of optimizer steps spent warming up."""
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """Schedule over all optimizer steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (the original used torch's default 0.01)."""
+    clip_grad_norm: float = 1.0
+    """Gradient-norm clip (the original's DeepSpeed config: 1.0)."""
+    total_episodes: int = 12800
+    """Responses to train on; training steps = total_episodes // (rollout prompts per step · samples)."""
+    local_rollout_batch_size: int = 16
+    """Prompts per rank per training step."""
+    number_samples_per_prompt: int = 4
+    """Responses sampled per prompt."""
+    local_mini_batch_size: int = 64
+    """Responses per rank per optimizer step (must divide local_rollout_batch_size · samples)."""
+    per_device_train_batch_size: int = 16
+    """Responses per micro-batch in the update (gradient accumulation = mini / this)."""
+    local_rollout_forward_batch_size: int = 32
+    """Responses per micro-batch in the no-grad scoring forwards."""
+    num_epochs: int = 1
+    """PPO epochs over each rollout batch."""
+    num_mini_batches: int | None = None
+    """Optional check: must equal local_rollout_batch_size · samples / local_mini_batch_size."""
+    num_evals: int = 4
+    """Held-out evaluations during training (plus one before the first step); 0 disables them."""
+    save_freq: int = -1
+    """Save a resumable checkpoint every N training steps (-1: only on a stop request)."""
+    keep_last_n_checkpoints: int = 3
+    """Complete checkpoints kept."""
+    resume_from_checkpoint: str | None = "auto"
+    """A checkpoint folder, or auto: the newest complete one under output_dir."""
+    seed: int = 1
+    """Seed of the prompt order, the sampling and every learner RNG."""
+
+
+def load_mixer(json_form: str | None, list_form: list[str] | None, default: dict) -> dict:
+    return parse_mixer(list_form, json_form) if (json_form or list_form) else default
+
+
+def generate(pool, prompts: list[list[int]], params: SamplingParams) -> tuple[list, float]:
+    """On rank 0 only: completions for `prompts` (n per prompt) and the seconds it took."""
+    t0 = time.perf_counter()
+    out = pool.generate(prompts, params)
+    return [[(c.token_ids, c.logprobs) for c in group] for group in out], time.perf_counter() - t0
+
+
+def evaluate(pool, d, data, tokenizer, args, stop_id: int, step: int) -> dict:
+    """Verifiable correct rate on the held-out prompts (rank 0 generates; scores broadcast)."""
+    result = None
+    if d.is_main:
+        params = SamplingParams(n=1, temperature=args.eval_temperature, max_tokens=args.response_length,
+                                stop_token_ids=(stop_id,), seed=args.seed)
+        groups, _ = generate(pool, [data.ds[i]["input_ids"] for i in range(len(data))], params)
+        texts = [tokenizer.decode(g[0][0], skip_special_tokens=True) for g in groups]
+        rows = [data.ds[i] for i in range(len(data))]
+        verified = verify_batch([r["source"] for r in rows], texts, [r["ground_truth"] for r in rows])
+        result = {"eval/verifiable_correct_rate": sum(v > 0 for v in verified) / max(1, len(verified))}
+        with open(f"{args.output_dir}/evals.jsonl", "a") as f:
+            for row, text, v in list(zip(rows, texts, verified))[:8]:
+                f.write(json.dumps({"step": step, "prompt": tokenizer.decode(row["input_ids"]), "response": text,
+                                    "ground_truth": row["ground_truth"], "verified": v}) + "\n")
+    return broadcast_object(result)
+
+
+def plan(args: Args, train_mix: dict) -> None:
+    """--dry_run: the schedule and per-rank memory of every model at --dry_run_world_size, then exit."""
+    from tulu.plan import count_rows, default_world, print_plan
+
+    world = default_world(args.preset, args.dry_run_world_size)
+    n = args.number_samples_per_prompt
+    prompts = args.local_rollout_batch_size * world
+    steps = args.total_episodes // (prompts * n)
+    minibatches = args.local_rollout_batch_size * n // args.local_mini_batch_size
+    rows = count_rows(train_mix, args.dataset_train_splits[0])
+    lines = [("prompts / step", f"{prompts} ({args.local_rollout_batch_size} x {world} ranks) x {n} samples"),
+             ("training steps", steps), ("optimizer steps", f"{steps * args.num_epochs * minibatches} "
+                                                         f"({args.num_epochs} epochs x {minibatches} minibatches)"),
+             ("warmup steps", int(steps * args.num_epochs * minibatches * args.warmup_ratio)),
+             ("gradient accumulation", args.local_mini_batch_size // args.per_device_train_batch_size),
+             ("tokens / step (at most)", prompts * n * (args.max_prompt_token_length or 0) + prompts * n * args.response_length),
+             ("prompt rows", rows if rows is not None else "not loadable here"),
+             ("engines", f"{args.vllm_num_engines} x TP {args.vllm_tensor_parallel_size} ({args.engine}), "
+                         f"async={args.async_mode}"),
+             ("offloaded to host", "policy/value params, grads, AdamW state" if args.cpu_offload else "nothing")]
+    models = {"policy": (args.model_name_or_path, "causal_lm", True)}
+    if args.beta > 0:
+        models["reference (frozen)"] = (args.model_name_or_path, "causal_lm", False)
+    if args.algo == "ppo":
+        models["value"] = (args.value_model_path or args.reward_model_path or args.model_name_or_path, "reward", True)
+    if args.reward_model_multiplier != 0:
+        models["reward model (frozen)"] = (args.reward_model_path, "reward", False)
+    print_plan(f"rlvr ({args.algo})", world=world, preset=args.preset, cpu_offload=args.cpu_offload,
+               lines=lines, models=models)
+
+
+@record
+def main(args: Args) -> None:
+    train_mix = load_mixer(args.dataset_mixer, args.dataset_mixer_list, {"tulu/synth-rlvr": 1.0})
+    if args.dry_run:
+        return plan(args, train_mix)
+    d = init_dist()
+    stop = StopRequest()
+    torch.manual_seed(args.seed + d.rank)  # the original seeded learner RNGs with the rank
+    compute_dtype = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    n = args.number_samples_per_prompt
+    kl_estimator = args.kl_estimator if args.kl_estimator != "auto" else ("kl1" if args.algo == "ppo" else "kl3")
+    local_responses = args.local_rollout_batch_size * n
+    if local_responses % args.local_mini_batch_size or args.local_mini_batch_size % args.per_device_train_batch_size:
+        raise ValueError("local_rollout_batch_size·number_samples_per_prompt must be a multiple of local_mini_batch_size, "
+                         "and local_mini_batch_size a multiple of per_device_train_batch_size")
+    num_mini_batches = local_responses // args.local_mini_batch_size
+    if args.num_mini_batches not in (None, num_mini_batches):
+        raise ValueError(f"--num_mini_batches {args.num_mini_batches} != derived {num_mini_batches}")
+    grad_accum = args.local_mini_batch_size // args.per_device_train_batch_size
+    if args.algo == "grpo" and n < 2:
+        raise ValueError("grpo needs --number_samples_per_prompt >= 2 (advantages are normalized within a group)")
+
+    # ---- data
+    tokenizer = load_tokenizer(args.model_name_or_path, args.model_revision, args.chat_template)
+    stop_id = tokenizer.eos_token_id if args.stop_token == "eos" else tokenizer.encode(".", add_special_tokens=False)[0]
+    embedded = not (args.dataset_mixer or args.dataset_mixer_list)
+    eval_mix = load_mixer(args.dataset_eval_mixer, None, {"tulu/synth-rlvr-eval": 200} if embedded else {})
+    build = lambda mix, split: build_prompt_data(mix, tokenizer, split, args.max_prompt_token_length,  # noqa: E731
+                                                 args.max_token_length, args.sft_messages_key,
+                                                 args.ground_truths_key, args.skip_bad_rows, d.is_main)
+    data = build(train_mix, args.dataset_train_splits[0])
+    eval_data = build(eval_mix, args.dataset_eval_splits[0]) if eval_mix and args.num_evals > 0 else None
+
+    # ---- models: policy (trained), reference (frozen), value (PPO), reward model (only if weighted)
+    common = dict(compute_dtype=compute_dtype, cpu_offload=args.cpu_offload, seed=args.seed)
+    policy = build_model(args.model_name_or_path, d.device, revision=args.model_revision,
+                         gradient_checkpointing=args.gradient_checkpointing, **common)
+    ref = build_model(args.model_name_or_path, d.device, revision=args.model_revision, **common) if args.beta > 0 else None
+    value = None
+    if args.algo == "ppo":
+        value_path = args.value_model_path or args.reward_model_path or args.model_name_or_path
+        value = build_model(value_path, d.device, kind="reward", gradient_checkpointing=args.gradient_checkpointing,
+                            init_missing=score_head_init(args.seed), **common)
+    reward_model = None
+    if args.reward_model_multiplier != 0:
+        if not args.reward_model_path:
+            raise ValueError("--reward_model_multiplier != 0 needs --reward_model_path")
+        reward_model = build_model(args.reward_model_path, d.device, kind="reward", **common)
+    for frozen in (ref, reward_model):
+        if frozen is not None:
+            frozen.requires_grad_(False)
+    trained = {"policy": policy} | ({"value": value} if value is not None else {})
+    optimizers = {k: build_optimizer(m, args.learning_rate, args.weight_decay) for k, m in trained.items()}
+
+    rollout_batch_size = args.local_rollout_batch_size * d.world  # prompts per step, all ranks
+    total_steps = args.total_episodes // (rollout_batch_size * n)
+    steps_per_epoch = max(1, len(data) // rollout_batch_size)
+    opt_steps = total_steps * args.num_epochs * num_mini_batches
+    schedulers = {k: build_scheduler(o, opt_steps, int(opt_steps * args.warmup_ratio), args.lr_scheduler_type)
+                  for k, o in optimizers.items()}
+    eval_freq = max(1, total_steps // max(1, args.num_evals))
+
+    start_step = 0
+    resume = find_resume_point(args.output_dir, args.resume_from_checkpoint)
+    if resume is not None:
+        state = load_checkpoint(resume, {k: (m, optimizers[k]) for k, m in trained.items()}, d.rank, d.world)
+        start_step = state["samples_seen"] // rollout_batch_size
+        for s in schedulers.values():
+            restore_scheduler(s, start_step * args.num_epochs * num_mini_batches)
+
+    # ---- engines (rank 0 owns the pool; every rank joins the weight sync: gathering is collective)
+    engine = args.engine if args.engine != "auto" else ("vllm" if torch.cuda.is_available() else "torch")
+    # CPU engines get the cores the trainer ranks leave (at least one thread each): oversubscribed
+    # torch threads spin-wait, measured here at 75x slower generation (25.7 s vs 0.34 s).
+    threads = max(1, ((os.cpu_count() or 1) - d.world) // args.vllm_num_engines)
+    pool = EnginePool.start(args.model_name_or_path, args.vllm_num_engines, engine=engine, threads=threads,
+                            gpus_per_engine=args.vllm_tensor_parallel_size,
+                            log_dir=f"{args.output_dir}/engine_logs") if d.is_main else None
+    sync = WeightSync(pool, log=False)
+    sync.push(policy, version=start_step)
+    metrics = Metrics(args.output_dir, d.is_main, d.device, start_tracker(args, dataclasses.asdict(args)))
+    print0(f"[rlvr] {args.algo}: {len(data)} prompts, {total_steps} steps of {rollout_batch_size} prompts x {n} "
+           f"samples, {num_mini_batches} minibatch(es) x {grad_accum} micro-batches x {args.num_epochs} epoch(s), "
+           f"engine={engine}, async={args.async_mode}, world {d.world}")
+    if eval_data is not None and start_step == 0:
+        metrics.log(0, evaluate(pool, d, eval_data, tokenizer, args, stop_id, 0))
+
+    def prompts_for(step: int) -> list[int]:
+        epoch, k = divmod(step, steps_per_epoch)
+        return step_samples(epoch_permutation(len(data), args.seed, epoch), k, rollout_batch_size)
+
+    def launch(step: int):
+        """Rank 0: start generating step `step`'s batch in the background (or run it now, in sync mode)."""
+        params = SamplingParams(n=n, temperature=args.temperature, max_tokens=args.response_length,
+                                stop_token_ids=(stop_id,), seed=args.seed * 1_000_003 + step)
+        prompts = [data.ds[i]["input_ids"] for i in prompts_for(step)]
+        return executor.submit(generate, pool, prompts, params)
+
+    executor = ThreadPoolExecutor(max_workers=1) if d.is_main else None
+    pending = launch(start_step) if d.is_main and args.async_mode else None
+    stopped = False
+    for step in tqdm(range(start_step, total_steps), disable=not d.is_main, desc=f"rlvr-{args.algo}",
+                     initial=start_step, total=total_steps, mininterval=5):
+        t_step = time.perf_counter()
+        # ---- 1. this step's rollouts: generated by the previous policy (async) or the current one (sync)
+        gen_s = 0.0
+        if d.is_main:
+            current = pending if args.async_mode else launch(step)
+            groups, gen_s = current.result()
+            if args.async_mode and step + 1 < total_steps:
+                pending = launch(step + 1)  # overlaps everything below until the next weight push
+        else:
+            groups = None
+        t_wait = time.perf_counter() - t_step
+        groups = broadcast_object(groups)
+        ids = prompts_for(step)[d.rank * args.local_rollout_batch_size:(d.rank + 1) * args.local_rollout_batch_size]
+        rows = [data.ds[i] for i in ids]
+        mine = groups[d.rank * args.local_rollout_batch_size:(d.rank + 1) * args.local_rollout_batch_size]
+        queries = [r["input_ids"] for r in rows for _ in range(n)]
+        responses = [c[0] for g in mine for c in g]
+        engine_lp = torch.zeros(len(responses), args.response_length)  # (B, R): what the engine sampled with
+        for b, c in enumerate(c for g in mine for c in g):
+            engine_lp[b, :len(c[1][:args.response_length])] = torch.tensor(c[1][:args.response_length])
+        batch = rollout_batch(queries, responses, tokenizer.pad_token_id, args.response_length)
+        B, R = len(queries), args.response_length
+        resp_mask = batch["response_mask"].to(d.device)  # (B, R)
+        seq_lens = batch["seq_lens"].to(d.device)  # (B,)
+
+        # ---- 2. score: old/ref log-probs, values, RM, verifiers (no grad)
+        t_score = time.perf_counter()
+        with torch.no_grad():
+            chunks = [slice(i, i + args.local_rollout_forward_batch_size) for i in range(0, B, args.local_rollout_forward_batch_size)]
+            old_lp = torch.cat([response_logprobs(policy, batch, c, d.device, args.temperature) for c in chunks])  # (B, R)
+            ref_lp = torch.cat([response_logprobs(ref, batch, c, d.device, args.temperature) for c in chunks]) if ref is not None else old_lp
+            old_values = torch.cat([response_values(value, batch, c, d.device) for c in chunks]) if value is not None else None
+            rm = torch.cat([sequence_scores(reward_model, batch, c, d.device) for c in chunks]) if reward_model is not None else None
+        for m in (policy, ref, value, reward_model):
+            if m is not None:
+                m.reshard()  # the FSDP root keeps its params gathered after a no-grad forward
+        texts = tokenizer.batch_decode([r[:R] for r in responses], skip_special_tokens=True)
+        sources = [r["source"] for r in rows for _ in range(n)]
+        truths = [r["ground_truth"] for r in rows for _ in range(n)]
+        verified = torch.tensor(verify_batch(sources, texts, truths) if args.apply_verifiable_reward else [0.0] * B,
+                                device=d.device)  # (B,)
+        responses_t = batch["query_response"][:, batch["context_length"]:].to(d.device)  # (B, R)
+        scores = rlvr_scores(rm, verified, responses_t, seq_lens, stop_id, args.reward_model_multiplier,
+                             args.verification_reward, args.non_stop_penalty, args.penalty_reward_value,
+                             args.min_response_length)  # (B,)
+        kl = kl_penalty(old_lp, ref_lp, kl_estimator).masked_fill(~resp_mask, 0.0)  # (B, R)
+
+        # ---- 3. advantages
+        if args.algo == "ppo":
+            idx = torch.arange(R, device=d.device)
+            value_mask = idx[None, :] <= (seq_lens[:, None] + 1)  # (B, R): values live up to the score slot
+            old_values = old_values.masked_fill(~value_mask, 0.0)
+            rewards, non_score = ppo_rewards(kl, scores, seq_lens, args.beta)  # (B, R), (B,)
+            if args.whiten_rewards:
+                rewards = masked_whiten(rewards, value_mask, shift_mean=False)
+            advantages, returns = gae(rewards, old_values, value_mask, args.gamma, args.lam)  # (B, R)
+            # Whitened over the GLOBAL rollout batch (one all-reduce of 3 numbers). The original used
+            # each rank's slice, which makes the update depend on the number of ranks.
+            moments = all_reduce(masked_moments(advantages, resp_mask))
+            advantages = whiten_from_moments(advantages, resp_mask, moments)
+        else:
+            advantages = grpo_advantages(scores, n)  # (B,)
+            non_score = -args.beta * kl.sum(1)
+        t_score = time.perf_counter() - t_score
+
+        # ---- 4. update: num_epochs passes over num_mini_batches minibatches
+        t_train = time.perf_counter()
+        g = torch.Generator().manual_seed(args.seed * 7919 + step * 131 + d.rank)
+        for _ in range(args.num_epochs):
+            order = torch.randperm(B, generator=g)
+            for mb in order.split(args.local_mini_batch_size):
+                for micro in mb.split(args.per_device_train_batch_size):
+                    new_lp = response_logprobs(policy, batch, micro, d.device, args.temperature)  # (b, R)
+                    if args.algo == "ppo":
+                        pg_loss, pm = ppo_policy_loss(new_lp, old_lp[micro], advantages[micro], resp_mask[micro], args.cliprange)
+                    else:
+                        pg_loss, pm = grpo_policy_loss(new_lp, old_lp[micro], ref_lp[micro], advantages[micro],
+                                                       resp_mask[micro], args.cliprange, args.beta, kl_estimator,
+                                                       args.grpo_loss_normalization)
+                    (pg_loss / grad_accum).backward()  # per-micro-batch token mean, averaged (as the original)
+                    for k, v in pm.items():
+                        metrics.add(k, v)
+                    if value is not None:
+                        vpred = response_values(value, batch, micro, d.device)  # (b, R)
+                        vf_loss, vm = ppo_value_loss(vpred, old_values[micro], returns[micro], value_mask[micro],
+                                                     args.cliprange_value)
+                        (args.vf_coef * vf_loss / grad_accum).backward()
+                        for k, v in vm.items():
+                            metrics.add(k, v)
+                for k, model in trained.items():
+                    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+                    metrics.add(f"{k}/grad_norm", gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+                    optimizers[k].step()
+                    schedulers[k].step()
+                    optimizers[k].zero_grad(set_to_none=True)
+        t_train = time.perf_counter() - t_train
+
+        # ---- 5. new weights to the engines (waits for the background generation to finish first)
+        t_sync = time.perf_counter()
+        sync.push(policy, version=step + 1)
+        t_sync = time.perf_counter() - t_sync
+
+        # ---- 6. metrics, eval, checkpoint
+        stop_flag = all_reduce(torch.tensor(float(stop.requested), device=d.device))
+        # Trainer vs engine log-probs of the sampled tokens: ~0 in sync mode (same weights; fp noise),
+        # one policy version apart in async mode. A large value in sync mode means a broken sync.
+        metrics.add("debug/engine_logprob_diff", ((old_lp - engine_lp.to(d.device)).abs() * resp_mask).sum() / resp_mask.sum())
+        metrics.add("objective/kl", kl.sum(1).mean())
+        metrics.add("objective/scores", scores.mean())
+        metrics.add("objective/verifiable_correct_rate", (verified > 0).float().mean())
+        metrics.add("objective/non_score_reward", non_score.mean())
+        metrics.add("objective/rlhf_reward", (scores + non_score).mean())
+        metrics.add("objective/entropy", (-old_lp * resp_mask).sum(1).mean())  # sampled-NLL proxy, as the original
+        metrics.add("val/sequence_lengths", (seq_lens + 1).float().mean())
+        metrics.add("val/stop_token_rate", (responses_t == stop_id).any(1).float().mean())
+        step_s = time.perf_counter() - t_step
+        extra = {"episode": (step + 1) * rollout_batch_size * n, "lr": schedulers["policy"].get_last_lr()[0],
+                 "time/step": step_s, "time/generation": gen_s, "time/wait_for_generation": t_wait,
+                 "time/scoring": t_score, "time/training": t_train, "time/weight_sync": t_sync,
+                 # async: generation ran beside scoring+training; the overlap is what was hidden
+                 "time/overlap": max(0.0, gen_s - t_wait) if args.async_mode else 0.0}
+        extra = broadcast_object(extra)
+        if (step + 1) % eval_freq == 0 or step + 1 == total_steps:
+            if eval_data is not None:
+                extra.update(evaluate(pool, d, eval_data, tokenizer, args, stop_id, step + 1))
+        out = metrics.log(step + 1, extra)
+        if d.is_main and ((step + 1) % 5 == 0 or step == start_step):
+            tqdm.write(f"step {step + 1}/{total_steps} score {out['objective/scores']:.2f} "
+                       f"correct {out['objective/verifiable_correct_rate']:.3f} kl {out['objective/kl']:.3f}"
+                       + (f" eval {out['eval/verifiable_correct_rate']:.3f}" if "eval/verifiable_correct_rate" in out else ""))
+        stopping = bool(stop_flag > 0)
+        if stopping or (args.save_freq > 0 and (step + 1) % args.save_freq == 0):
+            save_checkpoint(args.output_dir, step + 1, {k: (m, optimizers[k]) for k, m in trained.items()},
+                            {"samples_seen": (step + 1) * rollout_batch_size, "episode": extra["episode"]},
+                            d.rank, d.world, args.keep_last_n_checkpoints)
+        if stopping:
+            stopped = True
+            print0(f"[rlvr] stopped by signal after step {step + 1}; rerun the same command to resume")
+            break
+
+    if d.is_main:
+        if pending is not None and not pending.done():
+            pending.cancel()
+        executor.shutdown(wait=True, cancel_futures=True)
+    if not stopped:
+        export_hf(policy, tokenizer, args.output_dir, d.is_main)
+        print0(f"[rlvr] saved the policy to {args.output_dir}")
+    sync.close()
+    if pool is not None:
+        pool.shutdown()
+    del policy, ref, value, reward_model, optimizers, trained
+    shutdown()
+
+
+if __name__ == "__main__":
+    main(cli(Args, description=__doc__))

@@ -1,0 +1,117 @@
+"""RLVR plumbing between the engines and the losses: prompt data, rollout batches, scoring forwards.
+
+Shapes: B = sequences (prompts × samples), Q = query width (left-padded), R = response width
+(right-padded), L = Q + R.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tulu.chat import DataError, check_messages, encode, render
+from tulu.data import TokenizedData, build_dataset
+from tulu.ops import logprobs_from_logits
+
+INVALID_LOGPROB = 1.0  # the original's filler on padding: log-ratios there are 0, so KL is 0
+
+
+def _prompt_row(tokenizer, messages_key, ground_truths_key, max_prompt_len, max_token_len, skip_bad_rows):
+    def fn(row):
+        where = f"dataset {row['id'].rsplit('_', 1)[0]!r}, row {row['id'].rsplit('_', 1)[-1]}"
+        empty = {"input_ids": [], "ground_truth": "", "source": "", "status": "bad"}
+        try:
+            messages = row.get(messages_key)
+            if messages is None:
+                raise DataError(f"{where}: missing field '{messages_key}'")
+            check_messages(messages, where, messages_key)
+            if ground_truths_key not in row or row[ground_truths_key] is None:
+                raise DataError(f"{where}: missing field '{ground_truths_key}'")
+            if row.get("dataset") is None:
+                raise DataError(f"{where}: missing field 'dataset' (the verifier source: gsm8k, math, ifeval)")
+        except DataError:
+            if not skip_bad_rows:
+                raise
+            return empty
+        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        ids = encode(tokenizer, render(tokenizer, prompt, add_generation_prompt=True))
+        full = len(encode(tokenizer, render(tokenizer, messages)))
+        too_long = (max_prompt_len and len(ids) > max_prompt_len) or (max_token_len and full > max_token_len)
+        truth = row[ground_truths_key]
+        return {"input_ids": ids, "ground_truth": truth if isinstance(truth, str) else json.dumps(truth),
+                "source": str(row["dataset"]).lower(), "status": "dropped" if too_long else "ok"}
+    return fn
+
+
+def build_prompt_data(mixer: dict, tokenizer, split: str, max_prompt_token_length: int | None,
+                      max_token_length: int | None, messages_key: str = "messages",
+                      ground_truths_key: str = "ground_truth", skip_bad_rows: bool = False,
+                      is_main: bool = True) -> TokenizedData:
+    """Prompt ids (chat template + generation prompt, no BOS), ground truth and verifier source per
+    row; rows over the length limits are dropped and counted, as the original filtered them
+    (open-instruct combine_dataset semantics: no shuffle when mixing)."""
+    fn = _prompt_row(tokenizer, messages_key, ground_truths_key, max_prompt_token_length, max_token_length,
+                     skip_bad_rows)
+    return build_dataset("rlvr", mixer, tokenizer, fn, [split, max_prompt_token_length, max_token_length,
+                                                        messages_key, ground_truths_key, skip_bad_rows],
+                         split=split, shuffle=False, is_main=is_main)
+
+
+def rollout_batch(queries: list[list[int]], responses: list[list[int]], pad_id: int,
+                  response_length: int) -> dict[str, torch.Tensor]:
+    """Left-padded queries + responses right-padded to response_length, in one (B, L) tensor.
+
+    The fixed response width matters: the score sits one position after the stop token unless that
+    falls off the end (the original's rule), so the width must not depend on the batch.
+    seq_len follows the original: index of the last response token (n − 1)."""
+    Q = max(len(q) for q in queries)
+    R = response_length
+    B = len(queries)
+    qr = torch.full((B, Q + R), pad_id, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((B, Q + R), dtype=torch.bool)  # (B, L)
+    for b, (q, r) in enumerate(zip(queries, responses)):
+        qr[b, Q - len(q):Q] = torch.tensor(q)
+        mask[b, Q - len(q):Q] = True
+        if r:
+            r = r[:R]
+            qr[b, Q:Q + len(r)] = torch.tensor(r)
+            mask[b, Q:Q + len(r)] = True
+    lengths = torch.tensor([min(len(r), R) for r in responses])  # (B,)
+    return {"query_response": qr, "attention_mask": mask, "context_length": Q,
+            "response_mask": mask[:, Q:], "seq_lens": (lengths - 1).clamp(min=0)}
+
+
+def forward_inputs(batch: dict, rows, device: torch.device) -> dict:
+    """Model kwargs for rows of a rollout batch: positions count real tokens only, so a left-padded
+    prompt sees the rotary positions it would see alone."""
+    mask = batch["attention_mask"][rows]
+    return {"input_ids": batch["query_response"][rows].to(device), "attention_mask": mask.long().to(device),
+            "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)}
+
+
+def response_logprobs(model, batch: dict, rows, device: torch.device, temperature: float) -> torch.Tensor:
+    """log π(response token) under the sampling temperature, (b, R) fp32; INVALID_LOGPROB on padding.
+    The original divides logits by (temperature + 1e-7)."""
+    Q = batch["context_length"]
+    logits = model(**forward_inputs(batch, rows, device)).logits[:, Q - 1:-1]  # (b, R, V)
+    targets = batch["query_response"][rows, Q:].to(device)  # (b, R)
+    lp = logprobs_from_logits(logits, targets, temperature + 1e-7)  # (b, R)
+    return lp.masked_fill(~batch["response_mask"][rows].to(device), INVALID_LOGPROB)
+
+
+def response_values(value_model, batch: dict, rows, device: torch.device) -> torch.Tensor:
+    """V(state before response token t) for t < R, (b, R) fp32: the value head at positions Q−1..L−2."""
+    from tulu.reward import token_scores
+
+    Q = batch["context_length"]
+    return token_scores(value_model, forward_inputs(batch, rows, device))[:, Q - 1:-1]  # (b, R)
+
+
+def sequence_scores(reward_model, batch: dict, rows, device: torch.device) -> torch.Tensor:
+    """Reward-model score at each sequence's last real token, (b,)."""
+    from tulu.reward import token_scores
+
+    scores = token_scores(reward_model, forward_inputs(batch, rows, device))  # (b, L)
+    mask = batch["attention_mask"][rows]
+    last = (torch.arange(mask.shape[1]) * mask).argmax(-1).to(device)  # (b,)
+    return scores.gather(1, last[:, None]).squeeze(1)
