@@ -14,11 +14,13 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: demo test bench
 demo: $(VENV)/.installed
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC) train/sft.py --output_dir output/demo/sft
+	$(PY) -m tulu.demo --output_dir output/demo --nproc $(NPROC)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
+	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/sft_throughput.py
+	$(PY) benchmarks/weight_sync.py
 	$(PY) benchmarks/verifiers.py

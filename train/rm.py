@@ -40,7 +40,7 @@ from tulu.metrics import Metrics, start_tracker
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
 from tulu.optim import build_optimizer, build_scheduler
-from tulu.resume import StopRequest, find_resume_point, load_checkpoint, restore_scheduler, save_checkpoint
+from tulu.resume import StopRequest, maybe_resume, maybe_save
 from tulu.reward import build_pref_data, collate_pairs, evaluate, score_head_init, sequence_scores
 
 
@@ -143,15 +143,7 @@ def main(args: Args) -> None:
     steps_per_epoch = -(-len(data) // global_batch)
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, total_steps, int(total_steps * args.warmup_ratio), args.lr_scheduler_type)
-    start_step = 0
-    resume = find_resume_point(args.output_dir, None if args.overwrite_output_dir else args.resume_from_checkpoint)
-    if resume is not None:
-        state = load_checkpoint(resume, {"model": (model, optimizer)}, d.rank, d.world)
-        if state["samples_seen"] % global_batch:
-            raise ValueError(f"{resume}: {state['samples_seen']} pairs seen is not a whole number of steps of "
-                             f"the new global batch {global_batch}")
-        start_step = state["samples_seen"] // global_batch
-        restore_scheduler(scheduler, start_step)
+    start_step = maybe_resume(args, {"model": (model, optimizer)}, scheduler, global_batch, d.rank, d.world)
     tracker = start_tracker(args, dataclasses.asdict(args))
     metrics = Metrics(args.output_dir, d.is_main, d.device, tracker)
     eval_log = Metrics(args.output_dir, d.is_main, d.device, tracker)  # eval lines never flush a train window
@@ -215,12 +207,8 @@ def main(args: Args) -> None:
         if eval_data is not None and ((args.eval_steps and (step + 1) % args.eval_steps == 0) or step + 1 == total_steps):
             run_eval(step + 1)
         stopping = bool(stop_flag > 0)
-        if stopping or args.should_save(step + 1, steps_per_epoch):
-            path = save_checkpoint(args.output_dir, step + 1, {"model": (model, optimizer)},
-                                   {"samples_seen": (step + 1) * global_batch}, d.rank, d.world,
-                                   args.keep_last_n_checkpoints)
-            if args.save_hf_every_checkpoint:
-                export_hf(model, tokenizer, path.parent / f"hf_{path.name}", d.is_main)
+        path = maybe_save(args, step + 1, steps_per_epoch, stopping, {"model": (model, optimizer)}, global_batch,
+                          d.rank, d.world, lambda folder: export_hf(model, tokenizer, folder, d.is_main))
         if stopping:
             stopped = True
             print0(f"[rm] stopped by signal after step {step + 1}; rerun the same command to resume")

@@ -32,7 +32,7 @@ from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
 from tulu.optim import build_optimizer, build_scheduler
 from tulu.packing import model_inputs, pack, pad
-from tulu.resume import StopRequest, find_resume_point, load_checkpoint, restore_scheduler, save_checkpoint
+from tulu.resume import StopRequest, maybe_resume, maybe_save
 
 
 @dataclasses.dataclass
@@ -103,15 +103,7 @@ def main(args: Args) -> None:
     flops_tok = flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, args.max_seq_length)
     peak = peak_flops(d.device)
     metrics = Metrics(args.output_dir, d.is_main, d.device, start_tracker(args, dataclasses.asdict(args)))
-    start_step = 0
-    resume = find_resume_point(args.output_dir, None if args.overwrite_output_dir else args.resume_from_checkpoint)
-    if resume is not None:
-        state = load_checkpoint(resume, {"model": (model, optimizer)}, d.rank, d.world)
-        if state["samples_seen"] % global_batch:
-            raise ValueError(f"{resume}: {state['samples_seen']} samples seen is not a whole number of steps of "
-                             f"the new global batch {global_batch}; keep per_device·grad_accum·world the same")
-        start_step = state["samples_seen"] // global_batch
-        restore_scheduler(scheduler, start_step)
+    start_step = maybe_resume(args, {"model": (model, optimizer)}, scheduler, global_batch, d.rank, d.world)
     print0(f"[sft] {len(data)} examples, {n_params / 1e6:.2f}M params, world {d.world}, global batch {global_batch}, "
            f"{total_steps} steps, reduce_loss={args.reduce_loss}, packing={args.packing}, dtype={compute_dtype}")
 
@@ -165,12 +157,8 @@ def main(args: Args) -> None:
                            f"loss/token {out['train/loss_per_token']:.4f} lr {extra['train/lr']:.2e} tok/s/dev {tps:.0f}")
             window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
 
-        if stopping or args.should_save(step + 1, steps_per_epoch):
-            path = save_checkpoint(args.output_dir, step + 1, {"model": (model, optimizer)},
-                                   {"samples_seen": (step + 1) * global_batch, "epoch": (step + 1) / steps_per_epoch},
-                                   d.rank, d.world, args.keep_last_n_checkpoints)
-            if args.save_hf_every_checkpoint:
-                export_hf(model, tokenizer, path.parent / f"hf_{path.name}", d.is_main)
+        path = maybe_save(args, step + 1, steps_per_epoch, stopping, {"model": (model, optimizer)}, global_batch,
+                          d.rank, d.world, lambda folder: export_hf(model, tokenizer, folder, d.is_main))
         if stopping:
             stopped = True
             print0(f"[sft] stopped by signal after step {step + 1}; resume with the same command "

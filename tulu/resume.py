@@ -201,3 +201,33 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.requested = True
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+
+def maybe_resume(args, modules: dict, scheduler, global_batch: int, rank: int, world: int) -> int:
+    """Resume as the CheckpointArgs say (newest complete checkpoint under output_dir by default) and
+    return the optimizer step to start from (0 for a fresh run). The data position is kept in
+    samples, so the global batch may be laid out differently (other world size) but not resized."""
+    path = find_resume_point(args.output_dir, None if args.overwrite_output_dir else args.resume_from_checkpoint)
+    if path is None:
+        return 0
+    state = load_checkpoint(path, modules, rank, world)
+    if state["samples_seen"] % global_batch:
+        raise ValueError(f"{path}: {state['samples_seen']} samples seen is not a whole number of steps of the new "
+                         f"global batch {global_batch}; keep per_device·grad_accum·world the same")
+    step = state["samples_seen"] // global_batch
+    restore_scheduler(scheduler, step)
+    return step
+
+
+def maybe_save(args, completed: int, steps_per_epoch: int, stopping: bool, modules: dict, global_batch: int,
+               rank: int, world: int, export=None) -> Path | None:
+    """Save after optimizer step `completed` when --checkpointing_steps says so or a stop was
+    requested; `export(folder)` also writes a Hugging Face copy with --save_hf_every_checkpoint."""
+    if not (stopping or args.should_save(completed, steps_per_epoch)):
+        return None
+    path = save_checkpoint(args.output_dir, completed, modules,
+                           {"samples_seen": completed * global_batch, "epoch": completed / steps_per_epoch},
+                           rank, world, args.keep_last_n_checkpoints)
+    if args.save_hf_every_checkpoint and export is not None:
+        export(path.parent / f"hf_{path.name}")
+    return path
