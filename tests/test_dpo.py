@@ -102,7 +102,9 @@ def test_cache_and_live_match_each_other_and_the_single_process_loop(tmp_path):
     ref = reference_run(REF_MIXER, "dpo_norm", 2, 2, 2, STEPS, LR, SEQ, BETA)
     _assert_matches(got_cache, ref, "cache")
     _assert_matches(got_live, ref, "live")
-    assert got_cache[-1]["train/rewards/margin"] > 0 and got_cache[0]["train/rewards/accuracy"] == 0  # ties at step 0
+    # step 1: policy == reference, so every implicit reward is 0 up to float noise (the cache is computed
+    # by a separate pass, so exact ties, and with them rewards/accuracy, are not guaranteed to be 0)
+    assert abs(got_cache[0]["train/rewards/margin"]) < 1e-4 and got_cache[-1]["train/rewards/margin"] > 0
 
     (tmp_path / "cache" / "metrics.jsonl").unlink()
     wpo = _run(tmp_path / "cache", "--per_device_train_batch_size", "4", "--packing", "True",

@@ -140,10 +140,11 @@ def test_pool_order_remote_attach_timeout_and_dead_engine(engine):
             pool.generate(big, replace(long, max_tokens=100), timeout_s=0.2)
 
         victim = pool.engines[0].proc.pid
-        threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
+        # Long enough that the kill lands mid-generate even on an idle machine (64 x 1000 tokens).
+        threading.Timer(0.5, os.kill, (victim, signal.SIGKILL)).start()
         t0 = time.monotonic()
         with pytest.raises(EngineDied, match=r"engine-0 \(pid \d+\) died, exit code -9"):
-            pool.generate(big, long, timeout_s=30)
+            pool.generate([[2, 5 + i % 200, 9] for i in range(64)], replace(long, max_tokens=1000), timeout_s=30)
         assert time.monotonic() - t0 < 15
         with pytest.raises(EngineDied, match="engine-0"):  # later requests to it fail at once
             pool.call(pool.engines[0], "ping").result(timeout=1)

@@ -1,9 +1,8 @@
 """RL with verifiable rewards (Tulu 3 stage 4): PPO exactly as the original, and GRPO.
 
-Generation runs in a separate pool of engine processes (rollout/: vLLM on GPUs, TorchEngine on
-CPU) that get the new policy weights after every training step through their own process group.
-With --async_mode (default, as the original) the next batch is generated while the current one
-trains: one step off-policy.
+Generation runs in a pool of engine processes (rollout/: vLLM on GPUs, TorchEngine on CPU) that get
+the new weights after every step through their own process group. --async_mode (default, as the
+original) generates the next batch while this one trains: one step off-policy.
 
 Embedded default (CPU): the tiny model on synthetic arithmetic prompts, verified with the GSM8K rule.
     torchrun --standalone --nproc_per_node 2 train/rlvr.py --model_name_or_path output/demo/sft
@@ -486,9 +485,7 @@ def main(args: Args) -> None:
             print0(f"[rlvr] stopped by signal after step {step + 1}; rerun the same command to resume")
             break
 
-    if d.is_main:
-        if pending is not None and not pending.done():
-            pending.cancel()
+    if d.is_main:  # a pending generation (stop requested) is cancelled or waited for
         executor.shutdown(wait=True, cancel_futures=True)
     if not stopped:
         export_hf(policy, tokenizer, args.output_dir, d.is_main)
