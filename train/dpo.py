@@ -42,6 +42,7 @@ from tulu.checkpoint import export_hf
 from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
 from tulu.data import epoch_permutation, rank_microbatches, step_samples
 from tulu.dist import all_reduce, init_dist, print0, shutdown
+from tulu.fsdp import resolve_compute_dtype
 from tulu.losses import DPO_LOSSES
 from tulu.metrics import Metrics, start_tracker
 from tulu.mixer import parse_mixer
@@ -133,7 +134,7 @@ def main(args: Args) -> None:
     d = init_dist()
     stop = StopRequest()
     torch.manual_seed(args.seed)
-    compute_dtype = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    compute_dtype = resolve_compute_dtype(args.mixed_precision, d.device)
     loss_type = DPO_LOSSES[args.dpo_loss_type]  # dispatch once
     use_cache = loss_type.needs_reference and args.reference_logprobs == "cache"
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.model_revision,
@@ -254,8 +255,8 @@ def main(args: Args) -> None:
         if eval_data is not None and args.eval_steps and (step + 1) % args.eval_steps == 0 and step + 1 < total_steps:
             run_eval(step + 1)
         stopping = bool(stop_flag > 0)
-        path = maybe_save(args, step + 1, steps_per_epoch, stopping, {"model": (model, optimizer)}, global_batch,
-                          d.rank, d.world, lambda folder: export_hf(model, tokenizer, folder, d.is_main))
+        maybe_save(args, step + 1, steps_per_epoch, stopping, {"model": (model, optimizer)}, global_batch,
+                   d.rank, d.world, lambda folder: export_hf(model, tokenizer, folder, d.is_main))
         if stopping:
             stopped = True
             print0(f"[dpo] stopped by signal after step {step + 1}; rerun the same command to resume")

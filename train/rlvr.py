@@ -21,6 +21,7 @@ Tulu 3 8B RLVR (open-instruct docs/tulu3.md; 7 learner GPUs + 1 vLLM GPU):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -39,6 +40,7 @@ from tulu.checkpoint import export_hf
 from tulu.config import LogArgs, PlanArgs, cli
 from tulu.data import epoch_permutation, step_samples
 from tulu.dist import all_reduce, broadcast_object, init_dist, print0, shutdown
+from tulu.fsdp import resolve_compute_dtype
 from tulu.metrics import Metrics, start_tracker
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
@@ -250,7 +252,7 @@ def main(args: Args) -> None:
     d = init_dist()
     stop = StopRequest()
     torch.manual_seed(args.seed + d.rank)  # the original seeded learner RNGs with the rank
-    compute_dtype = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    compute_dtype = resolve_compute_dtype(args.mixed_precision, d.device)
     n = args.number_samples_per_prompt
     kl_estimator = args.kl_estimator if args.kl_estimator != "auto" else ("kl1" if args.algo == "ppo" else "kl3")
     local_responses = args.local_rollout_batch_size * n
@@ -329,9 +331,11 @@ def main(args: Args) -> None:
     if eval_data is not None and start_step == 0:
         metrics.log(0, evaluate(pool, d, eval_data, tokenizer, args, stop_id, 0))
 
+    epoch_perm = functools.lru_cache(maxsize=2)(lambda epoch: epoch_permutation(len(data), args.seed, epoch))
+
     def prompts_for(step: int) -> list[int]:
         epoch, k = divmod(step, steps_per_epoch)
-        return step_samples(epoch_permutation(len(data), args.seed, epoch), k, rollout_batch_size)
+        return step_samples(epoch_perm(epoch), k, rollout_batch_size)
 
     def launch(step: int):
         """Rank 0: start generating step `step`'s batch in the background (or run it now, in sync mode)."""

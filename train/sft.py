@@ -26,6 +26,7 @@ from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs,
 from tulu.checkpoint import export_hf
 from tulu.data import build_sft_data, epoch_permutation, rank_microbatches, step_samples
 from tulu.dist import all_reduce, init_dist, print0, shutdown
+from tulu.fsdp import resolve_compute_dtype
 from tulu.losses import sft_loss
 from tulu.metrics import Metrics, flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
@@ -82,7 +83,7 @@ def main(args: Args) -> None:
     d = init_dist()
     stop = StopRequest()
     torch.manual_seed(args.seed)
-    compute_dtype = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    compute_dtype = resolve_compute_dtype(args.mixed_precision, d.device)
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.model_revision,
                                args.chat_template_name, args.use_slow_tokenizer)
     data = build_sft_data(mixer, tokenizer, args.max_seq_length, args.skip_bad_rows, args.dataset_mix_dir,

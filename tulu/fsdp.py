@@ -15,6 +15,13 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
+def resolve_compute_dtype(mixed_precision: str, device: torch.device) -> str:
+    """The --mixed_precision setting made concrete: "auto" is bf16 on GPU and fp32 on CPU."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated transformer blocks, found by the class names HF lists in `_no_split_modules`."""
     names = set(getattr(model, "_no_split_modules", None) or [])
