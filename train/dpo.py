@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from tulu.checkpoint import export_hf
 from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
 from tulu.data import epoch_permutation, rank_microbatches, step_samples
-from tulu.dist import all_reduce, init_dist, print0, shutdown
+from tulu.dist import all_reduce, entrypoint, init_dist, print0, shutdown
 from tulu.fsdp import resolve_compute_dtype
 from tulu.losses import DPO_LOSSES
 from tulu.metrics import Metrics, start_tracker
@@ -123,7 +122,7 @@ def plan(args: Args, mixer: dict) -> None:
                lines=lines, models=models)
 
 
-@record
+@entrypoint  # one rank's crash: its traceback shown once, every rank stopped
 def main(args: Args) -> None:
     if args.use_lora:
         raise SystemExit("--use_lora True: LoRA is not implemented (Tulu 3 trained every weight: --use_lora False)")

@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
-from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from rollout.engine import SamplingParams
@@ -39,7 +38,7 @@ from tulu.advantages import gae, grpo_advantages, masked_moments, whiten_from_mo
 from tulu.checkpoint import export_hf
 from tulu.config import LogArgs, PlanArgs, cli
 from tulu.data import epoch_permutation, step_samples
-from tulu.dist import all_reduce, broadcast_object, init_dist, print0, shutdown
+from tulu.dist import all_reduce, broadcast_object, entrypoint, init_dist, print0, shutdown
 from tulu.fsdp import resolve_compute_dtype
 from tulu.metrics import Metrics, start_tracker
 from tulu.mixer import parse_mixer
@@ -244,7 +243,7 @@ def plan(args: Args, train_mix: dict) -> None:
                lines=lines, models=models)
 
 
-@record
+@entrypoint  # one rank's crash: its traceback shown once, every rank stopped
 def main(args: Args) -> None:
     train_mix = load_mixer(args.dataset_mixer, args.dataset_mixer_list, {"tulu/synth-rlvr": 1.0})
     if args.dry_run:

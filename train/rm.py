@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from tulu.checkpoint import export_hf
 from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
 from tulu.data import epoch_permutation, rank_microbatches, step_samples
-from tulu.dist import all_reduce, init_dist, print0, shutdown
+from tulu.dist import all_reduce, entrypoint, init_dist, print0, shutdown
 from tulu.fsdp import resolve_compute_dtype
 from tulu.losses import bradley_terry_loss
 from tulu.metrics import Metrics, start_tracker
@@ -106,7 +105,7 @@ def plan(args: Args, mixer: dict) -> None:
                models={"reward model": (args.model_name_or_path, "reward", True)})
 
 
-@record
+@entrypoint  # one rank's crash: its traceback shown once, every rank stopped
 def main(args: Args) -> None:
     given = args.dataset_mixer_list is not None or args.dataset_mixer is not None
     mixer = parse_mixer(args.dataset_mixer_list, args.dataset_mixer) if given else {"tulu/synth-pref": 1.0}

@@ -20,12 +20,10 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
 from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
 from tulu.checkpoint import export_hf
 from tulu.data import build_sft_data, epoch_permutation, rank_microbatches, step_samples
-from tulu.dist import all_reduce, init_dist, print0, shutdown
+from tulu.dist import all_reduce, entrypoint, init_dist, print0, shutdown
 from tulu.fsdp import resolve_compute_dtype
 from tulu.losses import sft_loss
 from tulu.metrics import Metrics, flops_per_token, peak_flops, start_tracker
@@ -74,7 +72,7 @@ def plan(args: Args, mixer: dict) -> None:
                models={"policy": (args.model_name_or_path, "causal_lm", True)})
 
 
-@record  # torchrun reports the first failing rank's exception once and stops the others
+@entrypoint  # one rank's crash: its traceback shown once, every rank stopped
 def main(args: Args) -> None:
     given = args.dataset_mixer_list is not None or args.dataset_mixer is not None
     mixer = parse_mixer(args.dataset_mixer_list, args.dataset_mixer) if given else {"tulu/synth-sft": 1.0}

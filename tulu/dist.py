@@ -6,10 +6,13 @@ so every script takes one code path: nccl on GPU, gloo on CPU.
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import os
+import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +88,56 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# Messages of a collective that failed because a peer process died (gloo's tcp transport, NCCL abort).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
+              "NCCL communicator was aborted", "ProcessGroupNCCL is aborted")
+
+
+def entrypoint(main):
+    """Decorate a script's main so that a crash on one rank is reported once and ends every rank.
+
+    The rank that raises first writes its traceback to torchrun's error file (what `@record` does),
+    and torchrun prints it once, under "Root Cause", then stops the other ranks. A rank whose
+    collective fails because that peer is gone prints one line instead of a second traceback, and
+    exits at once (it would otherwise wait in the next collective until torchrun's SIGTERM).
+    Without torchrun (plain `python train/x.py`) the exception propagates as usual."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        handler = get_error_handler()
+        handler.initialize()
+        try:
+            return main(*args, **kwargs)
+        except Exception as e:
+            rank = os.environ.get("RANK", "0")
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            if any(marker in str(e) for marker in _PEER_GONE):
+                _die(f"[rank {rank}] stopping: a collective failed because another rank exited first; that rank's "
+                     f"error is the cause ({type(e).__name__}: {first_line})", wait_for_torchrun=True)
+            if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+                raise
+            handler.record_exception(e)
+            _die(f"[rank {rank}] failed with {type(e).__name__}; torchrun prints the traceback once, under "
+                 f"'Root Cause'")
+
+    return run
+
+
+def _die(line: str, wait_for_torchrun: bool = False) -> None:
+    """Exit 1, skipping interpreter teardown (which can abort with FSDP state alive). With
+    `wait_for_torchrun`, first give torchrun (which polls every 0.1 s) up to 10 s to see the rank
+    that failed first and stop us with SIGTERM, so that its summary names that rank as the root
+    cause rather than this one."""
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    if wait_for_torchrun and os.environ.get("TORCHELASTIC_RUN_ID"):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # our StopRequest handler would only set a flag
+        time.sleep(10)
+    os._exit(1)
 
 
 def shutdown() -> None:
