@@ -43,7 +43,7 @@ from tulu.data import epoch_permutation, rank_microbatches, step_samples
 from tulu.dist import all_reduce, entrypoint, init_dist, print0, shutdown
 from tulu.fsdp import resolve_compute_dtype
 from tulu.losses import DPO_LOSSES
-from tulu.metrics import Metrics, start_tracker
+from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
 from tulu.optim import build_optimizer, build_scheduler
@@ -209,6 +209,7 @@ def main(args: Args) -> None:
                        f"rewards/margin {out['eval/rewards/margin']:.4f}")
 
     capacity = args.per_device_train_batch_size * 2 * args.max_seq_length  # a pair = chosen + rejected tokens
+    flops_tok, peak = model_flops_per_token(model, args.max_seq_length), peak_flops(d.device)
     window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
     perm_epoch, stopped = None, False
     for step in tqdm(range(start_step, total_steps), disable=not d.is_main, desc="dpo", mininterval=5,
@@ -244,7 +245,9 @@ def main(args: Args) -> None:
             elapsed = time.perf_counter() - window_start
             extra = {"train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
                      "perf/tokens_per_s_per_device": window_tokens / elapsed,
-                     "perf/padding_fraction": 1 - window_tokens / max(1, window_slots)}
+                     "perf/padding_fraction": 1 - window_tokens / max(1, window_slots),
+                     # the live reference's forward counts; a cached one cost nothing this window
+                     **mfu([(window_tokens, flops_tok)], [(window_tokens, flops_tok)] if reference else [], elapsed, peak)}
             out = metrics.log(step + 1, extra)
             if d.is_main:
                 tqdm.write(f"step {step + 1}/{total_steps} loss {out['train/loss']:.4f} "

@@ -40,7 +40,7 @@ from tulu.config import LogArgs, PlanArgs, cli
 from tulu.data import epoch_permutation, step_samples
 from tulu.dist import all_reduce, broadcast_object, entrypoint, init_dist, print0, shutdown
 from tulu.fsdp import resolve_compute_dtype
-from tulu.metrics import Metrics, start_tracker
+from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
 from tulu.ops import masked_mean, masked_whiten
@@ -344,6 +344,7 @@ def main(args: Args) -> None:
         return executor.submit(generate, pool, prompts, params)
 
     executor = ThreadPoolExecutor(max_workers=1) if d.is_main else None
+    peak = peak_flops(d.device)
     pending = launch(start_step) if d.is_main and args.async_mode else None
     stopped = False
     for step in tqdm(range(start_step, total_steps), disable=not d.is_main, desc=f"rlvr-{args.algo}",
@@ -469,6 +470,12 @@ def main(args: Args) -> None:
                  "time/scoring": t_score, "time/training": t_train, "time/weight_sync": t_sync,
                  # async: generation ran beside scoring+training; the overlap is what was hidden
                  "time/overlap": max(0.0, gen_s - t_wait) if args.async_mode else 0.0}
+        # MFU of this trainer device over the whole step: trained models ran forward+backward num_epochs
+        # times, and every model scored the batch once (generation runs on the engines, not counted).
+        L, tokens = batch["query_response"].shape[1], int(batch["attention_mask"].sum())
+        extra.update(mfu([(tokens * args.num_epochs, model_flops_per_token(m, L)) for m in trained.values()],
+                         [(tokens, model_flops_per_token(m, L)) for m in (policy, ref, value, reward_model) if m is not None],
+                         step_s, peak))
         extra = broadcast_object(extra)
         if (step + 1) % eval_freq == 0 or step + 1 == total_steps:
             if eval_data is not None:

@@ -36,7 +36,7 @@ from tulu.data import epoch_permutation, rank_microbatches, step_samples
 from tulu.dist import all_reduce, entrypoint, init_dist, print0, shutdown
 from tulu.fsdp import resolve_compute_dtype
 from tulu.losses import bradley_terry_loss
-from tulu.metrics import Metrics, start_tracker
+from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
 from tulu.optim import build_optimizer, build_scheduler
@@ -162,6 +162,8 @@ def main(args: Args) -> None:
                 for pair_id, (c, r) in zip(eval_data.ds["id"], scores.tolist()):
                     f.write(json.dumps({"id": pair_id, "chosen_score": c, "rejected_score": r}) + "\n")
 
+    flops_tok = model_flops_per_token(model, args.max_token_length or int(data.lengths.max()))
+    peak = peak_flops(d.device)
     window_tokens, window_start = 0, time.perf_counter()
     perm_epoch, stopped = None, False
     for step in tqdm(range(start_step, total_steps), disable=not d.is_main, desc="rm", mininterval=5,
@@ -197,9 +199,11 @@ def main(args: Args) -> None:
         optimizer.zero_grad(set_to_none=True)
 
         if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps:
-            tps = window_tokens / (time.perf_counter() - window_start)
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens / elapsed
             out = metrics.log(step + 1, {"train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
-                                         "perf/tokens_per_s_per_device": tps})
+                                         "perf/tokens_per_s_per_device": tps,
+                                         **mfu([(window_tokens, flops_tok)], [], elapsed, peak)})
             if d.is_main:
                 tqdm.write(f"step {step + 1}/{total_steps} loss {out['train/rm/loss']:.4f} accuracy "
                            f"{out['train/rm/accuracy']:.3f} margin {out['train/rm/margin']:.3f} lr {out['train/lr']:.2e} tok/s/dev {tps:.0f}")

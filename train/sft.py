@@ -26,7 +26,7 @@ from tulu.data import build_sft_data, epoch_permutation, rank_microbatches, step
 from tulu.dist import all_reduce, entrypoint, init_dist, print0, shutdown
 from tulu.fsdp import resolve_compute_dtype
 from tulu.losses import sft_loss
-from tulu.metrics import Metrics, flops_per_token, peak_flops, start_tracker
+from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
 from tulu.optim import build_optimizer, build_scheduler
@@ -98,9 +98,7 @@ def main(args: Args) -> None:
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, total_steps, int(total_steps * args.warmup_ratio), args.lr_scheduler_type)
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = model.config
-    flops_tok = flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, args.max_seq_length)
-    peak = peak_flops(d.device)
+    flops_tok, peak = model_flops_per_token(model, args.max_seq_length), peak_flops(d.device)
     metrics = Metrics(args.output_dir, d.is_main, d.device, start_tracker(args, dataclasses.asdict(args)))
     start_step = maybe_resume(args, {"model": (model, optimizer)}, scheduler, global_batch, d.rank, d.world)
     print0(f"[sft] {len(data)} examples, {n_params / 1e6:.2f}M params, world {d.world}, global batch {global_batch}, "
@@ -148,8 +146,7 @@ def main(args: Args) -> None:
             tps = window_tokens / elapsed
             extra = {"train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
                      "perf/tokens_per_s_per_device": tps, "perf/padding_fraction": 1 - window_tokens / max(1, window_slots)}
-            if peak:
-                extra["perf/mfu"] = tps * flops_tok / peak
+            extra.update(mfu([(window_tokens, flops_tok)], [], elapsed, peak))
             out = metrics.log(step + 1, extra, ratios={"train/loss_per_token": ("train/ce_sum", "train/tokens")})
             if d.is_main:
                 tqdm.write(f"step {step + 1}/{total_steps} loss {out['train/loss']:.4f} "

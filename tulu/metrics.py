@@ -24,10 +24,31 @@ def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> 
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of `device`; $TULU_PEAK_TFLOPS overrides it (a GPU missing from the
+    table, or a CPU). None: unknown, so no MFU is logged."""
+    if os.environ.get("TULU_PEAK_TFLOPS"):
+        return float(os.environ["TULU_PEAK_TFLOPS"]) * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """flops_per_token for a (sharded) HF model: N counts every parameter, embeddings included."""
+    cfg = model.config
+    return flops_per_token(sum(p.numel() for p in model.parameters()), cfg.num_hidden_layers, cfg.hidden_size, seq_len)
+
+
+def mfu(trained: list[tuple[int, float]], forward_only: list[tuple[int, float]], seconds: float,
+        peak: float | None) -> dict[str, float]:
+    """{"perf/mfu": ...} for one device's window: `trained` and `forward_only` list (tokens,
+    flops_per_token) per model; a forward is a third of forward+backward (the 6N = 2N + 4N split).
+    Empty when the peak is unknown."""
+    if not peak or seconds <= 0:
+        return {}
+    flops = sum(t * f for t, f in trained) + sum(t * f / 3 for t, f in forward_only)
+    return {"perf/mfu": flops / seconds / peak}
 
 
 class Metrics:
