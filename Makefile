@@ -24,3 +24,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/sft_throughput.py
 	$(PY) benchmarks/weight_sync.py
 	$(PY) benchmarks/verifiers.py
+	$(PY) benchmarks/checkpoint.py

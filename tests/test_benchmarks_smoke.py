@@ -49,3 +49,11 @@ def test_throughput_ours_vs_trl_table():
         import trl  # noqa: F401
     except ImportError:
         assert "n/a (trl not installed)" in row[2]
+
+
+def test_checkpoint_benchmark_round_trips_and_prints_its_table():
+    # The benchmark itself stops with an error when a loaded checkpoint differs from what was saved.
+    out = run_bench("benchmarks/checkpoint.py", "--sizes", "tiny", "--reps", "1")
+    assert "| size | params (M) | ranks | ckpt GB | save s |" in out
+    row = table_rows(out, "tiny")[0]
+    assert row[1] == "0.9" and row[2] == "1" and float(row[4]) > 0

@@ -11,9 +11,9 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from tulu.fsdp import apply_fsdp
+from tulu.tensorfile import TensorFile
 from tulu.tiny import TINY_NAME, tiny_dir
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
@@ -53,7 +53,7 @@ def _weight_index(path: Path) -> dict[str, Path]:
         weight_map = json.loads((path / WEIGHT_FILES[0]).read_text())["weight_map"]
         return {k: path / f for k, f in weight_map.items()}
     if (path / WEIGHT_FILES[1]).exists():
-        with safe_open(path / WEIGHT_FILES[1], "pt") as f:
+        with TensorFile(path / WEIGHT_FILES[1]) as f:
             return {k: path / WEIGHT_FILES[1] for k in f.keys()}
     raise FileNotFoundError(f"{path}: no safetensors weights ({' or '.join(WEIGHT_FILES)}); .bin files are not loaded")
 
@@ -79,7 +79,7 @@ def load_weights(model: torch.nn.Module, path: Path, init_missing=None, seed: in
     """
     index = _weight_index(path)
     std = getattr(model.config, "initializer_range", 0.02)
-    handles: dict[Path, object] = {}
+    handles: dict[Path, TensorFile] = {}
     missing = []
     for name, p in model.named_parameters():
         local, row0 = _local_rows(p)
@@ -92,15 +92,19 @@ def load_weights(model: torch.nn.Module, path: Path, init_missing=None, seed: in
             missing.append(name)
             local.copy_(init_missing(name, tuple(p.shape))[start:stop])
             continue
-        f = handles.setdefault(index[name], safe_open(index[name], "pt"))
-        sl = f.get_slice(name)
-        n_ckpt = sl.get_shape()[0] if sl.get_shape() else 1
+        f = handles.get(index[name]) or handles.setdefault(index[name], TensorFile(index[name]))
+        if not f.shape(name):  # a 0-d parameter
+            f.read_rows(name, local)
+            continue
+        n_ckpt = f.shape(name)[0]
         if min(stop, n_ckpt) > start:
-            local[: min(stop, n_ckpt) - start].copy_(sl[start : min(stop, n_ckpt)])
+            f.read_rows(name, local[: min(stop, n_ckpt) - start], start)
         if stop > n_ckpt:  # grown vocabulary: new rows drawn identically on every rank, at any world size
             new = torch.randn((p.shape[0] - n_ckpt, *p.shape[1:]), generator=torch.Generator().manual_seed(seed))
             first = max(start, n_ckpt)
             local[first - start :].copy_(new[first - n_ckpt : stop - n_ckpt] * std)
+    for f in handles.values():
+        f.close()
     used = {n for n, _ in model.named_parameters()}
     return {"missing": missing, "unused": sorted(set(index) - used)}
 

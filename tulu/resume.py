@@ -25,11 +25,11 @@ import signal
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tulu.dist import barrier, print0
 from tulu.model import _local_rows
+from tulu.tensorfile import TensorFile
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -122,29 +122,36 @@ def find_resume_point(output_dir: str | os.PathLike, resume_from: str | None) ->
 
 
 class _RowIndex:
-    """Which rank file holds which rows of each tensor, read from the files' metadata."""
+    """Which rank file holds which rows of each tensor (from the files' metadata); reads go straight
+    into the destination tensor (tulu.tensorfile), so loading needs no memory beyond the model."""
 
     def __init__(self, files: list[Path]):
-        self.handles = [safe_open(str(f), "pt") for f in files]
-        self.rows = [json.loads(h.metadata()["rows"]) for h in self.handles]
+        self.files = [TensorFile(f) for f in files]
+        self.rows = [json.loads(f.metadata["rows"]) for f in self.files]
 
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        pieces = []
-        for h, rows in zip(self.handles, self.rows):
+    def read_into(self, name: str, dst: torch.Tensor, start: int) -> None:
+        """dst <- global rows start:start+len(dst) of `name`, from whichever files hold them."""
+        if dst.ndim == 0:
+            return self.files[0].read_rows(name, dst)
+        stop, covered = start + dst.shape[0], 0
+        for f, rows in zip(self.files, self.rows):
             if name not in rows:
                 continue
-            first, total = rows[name]
-            sl = h.get_slice(name)
-            if total == 0:  # a scalar (AdamW step): every rank holds the whole thing
-                return h.get_tensor(name)
-            n = sl.get_shape()[0]
-            lo, hi = max(start, first), min(stop, first + n)
+            first, _ = rows[name]
+            lo, hi = max(start, first), min(stop, first + f.shape(name)[0])
             if hi > lo:
-                pieces.append((lo, sl[lo - first:hi - first]))
-        if not pieces and stop > start:
-            raise KeyError(f"checkpoint has no rows {start}:{stop} of {name!r}")
-        pieces.sort(key=lambda x: x[0])
-        return torch.cat([p for _, p in pieces]) if pieces else None
+                f.read_rows(name, dst[lo - start:hi - start], lo - first)
+                covered += hi - lo
+        if covered != stop - start:
+            raise KeyError(f"checkpoint has {covered} of rows {start}:{stop} of {name!r}")
+
+    def read_scalar(self, name: str) -> torch.Tensor:
+        """A 0-d tensor every rank saved whole (AdamW's step)."""
+        return self.files[0].read(name)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
 
 
 @torch.no_grad()
@@ -157,23 +164,25 @@ def load_checkpoint(path: Path, modules: dict, rank: int, world: int) -> dict:
         for name, p in model.named_parameters():
             local, row0 = _local_rows(p)
             if local.numel():
-                local.copy_(index.read(name, row0, row0 + local.shape[0]))
+                index.read_into(name, local, row0)
             if optimizer is None or f"{name}::step" not in index.rows[0]:
                 continue
             st = optimizer.state[p]
             fused = any(g.get("fused") for g in optimizer.param_groups)
-            step = index.read(f"{name}::step", 0, 0).to(torch.float32)
+            step = index.read_scalar(f"{name}::step").to(torch.float32)
             st["step"] = step.to(p.device) if fused else step.cpu()
-            for key in ("exp_avg", "exp_avg_sq"):
-                st[key] = torch.zeros_like(p)
+            for key in ("exp_avg", "exp_avg_sq"):  # every row is read: reuse the state's memory, or allocate
+                if key not in st or st[key].shape != p.shape:
+                    st[key] = torch.empty_like(p)
                 dst, r0 = _local_rows(st[key])
                 if dst.numel():
-                    dst.copy_(index.read(f"{name}::{key}", r0, r0 + dst.shape[0]))
+                    index.read_into(f"{name}::{key}", dst, r0)
+        index.close()
     if state.get("world") == world:
-        with safe_open(str(_rank_file(path, "rng", rank)), "pt") as f:
-            torch.set_rng_state(f.get_tensor("cpu"))
+        with TensorFile(_rank_file(path, "rng", rank)) as f:
+            torch.set_rng_state(f.read("cpu"))
             if torch.cuda.is_available() and "cuda" in f.keys():
-                torch.cuda.set_rng_state(f.get_tensor("cuda"))
+                torch.cuda.set_rng_state(f.read("cuda"))
     else:
         print0(f"[checkpoint] world size {state.get('world')} -> {world}: data position and weights carry over; "
                "per-rank RNG streams are reseeded")
