@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,12 +42,13 @@ from tulu.fsdp import resolve_compute_dtype
 from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
-from tulu.ops import masked_mean, masked_whiten
+from tulu.ops import masked_whiten
 from tulu.optim import build_optimizer, build_scheduler
 from tulu.resume import StopRequest, find_resume_point, load_checkpoint, restore_scheduler, save_checkpoint
 from tulu.reward import score_head_init
 from tulu.rl_losses import grpo_policy_loss, kl_penalty, ppo_policy_loss, ppo_rewards, ppo_value_loss, rlvr_scores
-from tulu.rollouts import build_prompt_data, response_logprobs, response_values, rollout_batch, sequence_scores
+from tulu.rollouts import (build_prompt_data, generate, held_out_correct_rate, response_logprobs, response_values,
+                           rollout_batch, sequence_scores)
 from tulu.verifiers import verify_batch
 
 
@@ -187,31 +187,6 @@ def load_mixer(json_form: str | None, list_form: list[str] | None, default: dict
     return parse_mixer(list_form, json_form) if (json_form or list_form) else default
 
 
-def generate(pool, prompts: list[list[int]], params: SamplingParams) -> tuple[list, float]:
-    """On rank 0 only: completions for `prompts` (n per prompt) and the seconds it took."""
-    t0 = time.perf_counter()
-    out = pool.generate(prompts, params)
-    return [[(c.token_ids, c.logprobs) for c in group] for group in out], time.perf_counter() - t0
-
-
-def evaluate(pool, d, data, tokenizer, args, stop_id: int, step: int) -> dict:
-    """Verifiable correct rate on the held-out prompts (rank 0 generates; scores broadcast)."""
-    result = None
-    if d.is_main:
-        params = SamplingParams(n=1, temperature=args.eval_temperature, max_tokens=args.response_length,
-                                stop_token_ids=(stop_id,), seed=args.seed)
-        groups, _ = generate(pool, [data.ds[i]["input_ids"] for i in range(len(data))], params)
-        texts = [tokenizer.decode(g[0][0], skip_special_tokens=True) for g in groups]
-        rows = [data.ds[i] for i in range(len(data))]
-        verified = verify_batch([r["source"] for r in rows], texts, [r["ground_truth"] for r in rows])
-        result = {"eval/verifiable_correct_rate": sum(v > 0 for v in verified) / max(1, len(verified))}
-        with open(f"{args.output_dir}/evals.jsonl", "a") as f:
-            for row, text, v in list(zip(rows, texts, verified))[:8]:
-                f.write(json.dumps({"step": step, "prompt": tokenizer.decode(row["input_ids"]), "response": text,
-                                    "ground_truth": row["ground_truth"], "verified": v}) + "\n")
-    return broadcast_object(result)
-
-
 def plan(args: Args, train_mix: dict) -> None:
     """--dry_run: the schedule and per-rank memory of every model at --dry_run_world_size, then exit."""
     from tulu.plan import count_rows, default_world, print_plan
@@ -304,6 +279,8 @@ def main(args: Args) -> None:
     schedulers = {k: build_scheduler(o, opt_steps, int(opt_steps * args.warmup_ratio), args.lr_scheduler_type)
                   for k, o in optimizers.items()}
     eval_freq = max(1, total_steps // max(1, args.num_evals))
+    eval_params = SamplingParams(n=1, temperature=args.eval_temperature, max_tokens=args.response_length,
+                                 stop_token_ids=(stop_id,), seed=args.seed)
 
     start_step = 0
     resume = find_resume_point(args.output_dir, args.resume_from_checkpoint)
@@ -328,7 +305,7 @@ def main(args: Args) -> None:
            f"samples, {num_mini_batches} minibatch(es) x {grad_accum} micro-batches x {args.num_epochs} epoch(s), "
            f"engine={engine}, async={args.async_mode}, world {d.world}")
     if eval_data is not None and start_step == 0:
-        metrics.log(0, evaluate(pool, d, eval_data, tokenizer, args, stop_id, 0))
+        metrics.log(0, held_out_correct_rate(pool, d.is_main, eval_data, tokenizer, eval_params, args.output_dir, 0))
 
     epoch_perm = functools.lru_cache(maxsize=2)(lambda epoch: epoch_permutation(len(data), args.seed, epoch))
 
@@ -479,7 +456,8 @@ def main(args: Args) -> None:
         extra = broadcast_object(extra)
         if (step + 1) % eval_freq == 0 or step + 1 == total_steps:
             if eval_data is not None:
-                extra.update(evaluate(pool, d, eval_data, tokenizer, args, stop_id, step + 1))
+                extra.update(held_out_correct_rate(pool, d.is_main, eval_data, tokenizer, eval_params, args.output_dir,
+                                                   step + 1))
         out = metrics.log(step + 1, extra)
         if d.is_main and ((step + 1) % 5 == 0 or step == start_step):
             tqdm.write(f"step {step + 1}/{total_steps} score {out['objective/scores']:.2f} "

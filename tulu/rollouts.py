@@ -6,12 +6,15 @@ Shapes: B = sequences (prompts × samples), Q = query width (left-padded), R = r
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
 from tulu.chat import DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
+from tulu.dist import broadcast_object
 from tulu.ops import logprobs_from_logits
+from tulu.verifiers import verify_batch
 
 INVALID_LOGPROB = 1.0  # the original's filler on padding: log-ratios there are 0, so KL is 0
 
@@ -115,3 +118,28 @@ def sequence_scores(reward_model, batch: dict, rows, device: torch.device) -> to
     mask = batch["attention_mask"][rows]
     last = (torch.arange(mask.shape[1]) * mask).argmax(-1).to(device)  # (b,)
     return scores.gather(1, last[:, None]).squeeze(1)
+
+
+def generate(pool, prompts: list[list[int]], params) -> tuple[list, float]:
+    """On rank 0 only: (token_ids, logprobs) of the n completions of each prompt, and the seconds it took."""
+    t0 = time.perf_counter()
+    out = pool.generate(prompts, params)
+    return [[(c.token_ids, c.logprobs) for c in group] for group in out], time.perf_counter() - t0
+
+
+def held_out_correct_rate(pool, is_main: bool, data: TokenizedData, tokenizer, params, output_dir: str,
+                          step: int) -> dict:
+    """Verifiable correct rate on held-out prompts: rank 0 generates (one completion each) and
+    verifies, appends 8 examples to output_dir/evals.jsonl, and broadcasts the result."""
+    result = None
+    if is_main:
+        rows = [data.ds[i] for i in range(len(data))]
+        groups, _ = generate(pool, [r["input_ids"] for r in rows], params)
+        texts = [tokenizer.decode(g[0][0], skip_special_tokens=True) for g in groups]
+        verified = verify_batch([r["source"] for r in rows], texts, [r["ground_truth"] for r in rows])
+        result = {"eval/verifiable_correct_rate": sum(v > 0 for v in verified) / max(1, len(verified))}
+        with open(f"{output_dir}/evals.jsonl", "a") as f:
+            for row, text, v in list(zip(rows, texts, verified))[:8]:
+                f.write(json.dumps({"step": step, "prompt": tokenizer.decode(row["input_ids"]), "response": text,
+                                    "ground_truth": row["ground_truth"], "verified": v}) + "\n")
+    return broadcast_object(result)
