@@ -89,3 +89,24 @@ def test_simulation_under_an_initialized_group_runs_in_a_subprocess():
     finally:
         dist.destroy_process_group()
     assert here == there and here.largest_unit == "model.layers.0"  # tiny: a block outweighs the embeddings
+
+
+def test_frozen_models_hold_compute_dtype_shards_with_the_same_outputs(tmp_path):
+    """DPO's live reference and RLVR's reference / reward model: bf16 shards (half of fp32), the same
+    logits as the fp32-stored build with bf16 compute (bitwise), no grads; the simulation agrees."""
+    from tulu.plan import model_config
+
+    out = tmp_path / "f"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests/scripts/frozen_check.py"), "--out", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    config = model_config("tulu/tiny")
+    for rank in (0, 1):
+        got = json.loads(Path(f"{out}.rank{rank}.json").read_text())
+        assert got["logits_equal"] and got["logits_dtype"] == "torch.bfloat16", got
+        assert not got["requires_grad"] and got["frozen_dtypes"] == ["torch.bfloat16"], got
+        assert got["frozen_bytes"] * 2 == got["trainable_bytes"], got
+        plan = simulate_model_state(config, 2, "bf16", rank=rank, frozen=True)
+        assert plan.param_bytes == got["frozen_bytes"] and plan.grad_bytes == plan.optim_bytes == 0, (plan, got)

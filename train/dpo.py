@@ -170,7 +170,7 @@ def main(args: Args) -> None:
                                                {**key, "data": data_identity(ds)}, d.rank, d.world,
                                                args.per_device_train_batch_size, args.packing, pad_id, d.device, flash)
     elif loss_type.needs_reference:
-        reference = build_model(args.model_name_or_path, d.device, **model_kw).requires_grad_(False).eval()
+        reference = build_model(args.model_name_or_path, d.device, frozen=True, **model_kw)
     else:
         print0(f"[dpo] {args.dpo_loss_type} is reference-free: no reference model, no reference cache")
 

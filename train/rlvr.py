@@ -255,7 +255,8 @@ def main(args: Args) -> None:
     common = dict(compute_dtype=compute_dtype, cpu_offload=args.cpu_offload, seed=args.seed)
     policy = build_model(args.model_name_or_path, d.device, revision=args.model_revision,
                          gradient_checkpointing=args.gradient_checkpointing, **common)
-    ref = build_model(args.model_name_or_path, d.device, revision=args.model_revision, **common) if args.beta > 0 else None
+    ref = (build_model(args.model_name_or_path, d.device, revision=args.model_revision, frozen=True, **common)
+           if args.beta > 0 else None)
     value = None
     if args.algo == "ppo":
         value_path = args.value_model_path or args.reward_model_path or args.model_name_or_path
@@ -265,10 +266,7 @@ def main(args: Args) -> None:
     if args.reward_model_multiplier != 0:
         if not args.reward_model_path:
             raise ValueError("--reward_model_multiplier != 0 needs --reward_model_path")
-        reward_model = build_model(args.reward_model_path, d.device, kind="reward", **common)
-    for frozen in (ref, reward_model):
-        if frozen is not None:
-            frozen.requires_grad_(False)
+        reward_model = build_model(args.reward_model_path, d.device, kind="reward", frozen=True, **common)
     trained = {"policy": policy} | ({"value": value} if value is not None else {})
     optimizers = {k: build_optimizer(m, args.learning_rate, args.weight_decay) for k, m in trained.items()}
 

@@ -81,6 +81,7 @@ class MemoryPlan:
     unit_param_bytes: int        # largest unit all-gathered in the compute dtype (padded)
     unit_grad_bytes: int         # its unsharded gradients in the compute dtype
     unit_reduce_bytes: int       # its reduce-scatter staging buffer in the reduce dtype (padded)
+    frozen: bool = False         # never trained (tulu.model.build_model(frozen=True)): compute-dtype shards only
 
     @property
     def model_state_bytes(self) -> int:
@@ -148,25 +149,26 @@ def count_model_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optim
                                     if isinstance(v, torch.Tensor))}
 
 
-def _build_meta(config, kind: str):
+def _build_meta(config, kind: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cls = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}[kind]
     if kind == "reward":
         config.num_labels = 1
     with torch.device("meta"):
-        return cls.from_config(config, dtype=torch.float32)
+        return cls.from_config(config, dtype=dtype)
 
 
-def _simulate(config, world_size: int, rank: int, compute_dtype: str, cpu_offload: bool, kind: str) -> MemoryPlan:
+def _simulate(config, world_size: int, rank: int, compute_dtype: str, cpu_offload: bool, kind: str,
+              frozen: bool = False) -> MemoryPlan:
     """Needs the fake default group of `world_size` ranks to be initialized."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
 
-    from tulu.fsdp import apply_fsdp
+    from tulu.fsdp import DTYPES, apply_fsdp
     from tulu.optim import build_optimizer
 
-    model = _build_meta(config, kind)
+    model = _build_meta(config, kind, DTYPES[compute_dtype] if frozen else torch.float32)
     total = sum(p.numel() for p in model.parameters())  # HF ties by sharing the Parameter: counted once
     largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     mesh = init_device_mesh("cpu", (world_size,))
@@ -174,9 +176,10 @@ def _simulate(config, world_size: int, rank: int, compute_dtype: str, cpu_offloa
     # The real optimizer on meta tensors; fused=False because fused kernels refuse the meta device
     # (fused only moves the 4-byte step tensor onto the device: same bytes).
     optimizer = build_optimizer(model, lr=1e-5, fused=False)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
+    if not frozen:  # a frozen model gets no gradients and no optimizer state
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
 
     names = {m: n for n, m in model.named_modules()}
     by_param, units = {}, []
@@ -190,7 +193,7 @@ def _simulate(config, world_size: int, rank: int, compute_dtype: str, cpu_offloa
         fp = by_param[id(p)]
         padded = fp.padded_sharded_param_size.numel() * p.element_size()
         param_bytes += padded
-        grad_bytes += padded  # FSDP2 writes grads in the param dtype (fp32) into a padded flat buffer
+        grad_bytes += 0 if frozen else padded  # FSDP2 writes grads in the param dtype into a padded flat buffer
     optim_bytes = sum((v.to_local() if hasattr(v, "to_local") else v).numel() * v.element_size()
                       for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
@@ -202,12 +205,14 @@ def _simulate(config, world_size: int, rank: int, compute_dtype: str, cpu_offloa
 
     name, group = max(units, key=lambda u: unit_sizes(u[1])[0])
     padded, orig, pbytes, rbytes = unit_sizes(group)
+    grads = 0 if frozen else 1
     return MemoryPlan(world_size, rank, compute_dtype, cpu_offload, kind, total, largest_module, name, orig,
-                      param_bytes, grad_bytes, optim_bytes, padded * pbytes, orig * pbytes, padded * rbytes)
+                      param_bytes, grad_bytes, optim_bytes, padded * pbytes, grads * orig * pbytes,
+                      grads * padded * rbytes, frozen)
 
 
 def simulate_model_state(config, world_size: int, compute_dtype: str = "bf16", cpu_offload: bool = False,
-                         kind: str = "causal_lm", rank: int = 0) -> MemoryPlan:
+                         kind: str = "causal_lm", rank: int = 0, frozen: bool = False) -> MemoryPlan:
     """Model-state bytes one rank holds after the first optimizer step with our FSDP2 + AdamW, for an
     HF `config` (any model_type transformers builds; kind "causal_lm" or "reward") on `world_size`
     ranks.
@@ -215,7 +220,7 @@ def simulate_model_state(config, world_size: int, compute_dtype: str = "bf16", c
     import torch.distributed as dist
 
     args = dict(world_size=world_size, rank=rank, compute_dtype=compute_dtype, cpu_offload=cpu_offload,
-                kind=kind)
+                kind=kind, frozen=frozen)
     if dist.is_available() and dist.is_initialized():
         return _simulate_in_subprocess(config, **args)
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend

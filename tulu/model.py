@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tulu.fsdp import apply_fsdp
+from tulu.fsdp import DTYPES, apply_fsdp
 from tulu.tensorfile import TensorFile
 from tulu.tiny import TINY_NAME, tiny_dir
 
@@ -121,8 +121,13 @@ def reset_rotary_buffers(model: torch.nn.Module) -> None:
 def build_model(name_or_path: str, device: torch.device, *, kind: str = "causal_lm", revision: str | None = None,
                 vocab_size: int | None = None, attn_implementation: str = "sdpa", compute_dtype: str = "fp32",
                 cpu_offload: bool = False, reshard_after_forward: bool = True, gradient_checkpointing: bool = False,
-                init_missing=None, seed: int = 0) -> torch.nn.Module:
-    """A sharded HF model with its weights loaded. kind: "causal_lm" or "reward" (one scalar head)."""
+                init_missing=None, seed: int = 0, frozen: bool = False) -> torch.nn.Module:
+    """A sharded HF model with its weights loaded. kind: "causal_lm" or "reward" (one scalar head).
+
+    frozen: a model that is only run, never trained (DPO's live reference; RLVR's reference and
+    reward model). Its shards are stored in the compute dtype, not fp32: half the memory at bf16,
+    and the same numbers, since FSDP would cast fp32 shards to that dtype at every all-gather anyway.
+    It has no gradients."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve(name_or_path, revision)
@@ -134,11 +139,12 @@ def build_model(name_or_path: str, device: torch.device, *, kind: str = "causal_
         config.num_labels = 1
     cls = {"causal_lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}[kind]
     with torch.device("meta"):
-        model = cls.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+        model = cls.from_config(config, attn_implementation=attn_implementation,
+                                dtype=DTYPES[compute_dtype] if frozen else torch.float32)
     apply_fsdp(model, compute_dtype=compute_dtype, cpu_offload=cpu_offload,
                reshard_after_forward=reshard_after_forward, activation_checkpointing=gradient_checkpointing)
     model.to_empty(device="cpu" if cpu_offload else device)
     load_weights(model, path, init_missing=init_missing, seed=seed)
     reset_rotary_buffers(model)
     model.name_or_path = str(path)
-    return model
+    return model.requires_grad_(False).eval() if frozen else model

@@ -66,9 +66,10 @@ def print_plan(stage: str, *, world: int, preset: str | None, models: dict, cpu_
         print(f"   {label:<28} {value}")
     total = 0
     for label, (name, kind, trained) in models.items():
-        plan = simulate_model_state(model_config(name), world, "bf16", cpu_offload and trained, kind)
-        state = plan.model_state_bytes if trained else plan.param_bytes  # frozen: no grads, no optimizer
-        device = 0 if (cpu_offload and trained) else state
+        # frozen: bf16 shards, no grads, no optimizer (tulu.model.build_model(frozen=True)); offloaded too
+        plan = simulate_model_state(model_config(name), world, "bf16", cpu_offload, kind, frozen=not trained)
+        state = plan.model_state_bytes
+        device = 0 if cpu_offload else state
         total += device
         print(f"   {label:<28} {name}: {plan.total_params / 1e9:.2f}B params, "
               f"{'trained' if trained else 'frozen'}; per rank {state / GiB:.2f} GiB model state "
