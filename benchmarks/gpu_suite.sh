@@ -4,11 +4,12 @@
 # WRITTEN ON A MACHINE WITHOUT A GPU AND NEVER RUN ON ONE: the first session with a GPU should expect to fix things.
 #
 #   bash benchmarks/gpu_suite.sh --fetch-wheels    # HERE (internet: PyPI): download the wheels the GPU machine lacks into .whl/
-#   bash benchmarks/gpu_suite.sh [SECTION ...]     # THERE: sft1b sft8b memory generation weight_sync (default: all)
+#   bash benchmarks/gpu_suite.sh [SECTION ...]     # THERE: sft1b sft8b memory generation checkpoint weight_sync (default: all)
 #
 # Device tool (one command is capped at 10 minutes, so run the sections in two or three calls):
 #   echo /.whl/ >> .git/info/exclude; bash benchmarks/gpu_suite.sh --fetch-wheels      # once, here
 #   run(command="bash benchmarks/gpu_suite.sh sft1b memory generation weight_sync", carry=[".whl"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_suite.sh checkpoint", carry=[".whl"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh sft8b", carry=[".whl"], timeout_s=600)   # 8B: writes ~16 GB of weights
 #
 # The machine has torch and transformers (KINDS.md: torch 2.11, transformers 5.17) but not tyro or datasets,
@@ -21,6 +22,7 @@
 #                (~120 GiB), else on the GPU (H200), else offload with as many layers as fit (the row says)
 #   memory       benchmarks/memory.py --skip_measure: simulated tables + torch.cuda.max_memory_allocated rows
 #   generation   benchmarks/gpu_generation.py: TorchEngine bf16 sampling throughput, 1B-shaped
+#   checkpoint   benchmarks/checkpoint.py on one GPU: save/load/export time, rank-0 host and GPU peak memory
 #   weight_sync  benchmarks/weight_sync.py over NCCL (trainer and one engine process; with one GPU both share
 #                it, which NCCL may refuse: then the row says failed)
 # Anchor: torchtitan Llama-3.1-8B, FSDP + compile, seq 8192, 8x H100: ~6.7k tokens/s/GPU, 33-39% MFU.
@@ -46,7 +48,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TULU_CACHE=${TULU_CACHE:-/tmp/tulu-cache}
 OUTFILE=${OUT:-/tmp}/gpu_results.md
-SECTIONS=("$@"); [[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(sft1b sft8b memory generation weight_sync)
+SECTIONS=("$@"); [[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(sft1b sft8b memory generation checkpoint weight_sync)
 
 section() {  # name, timeout, command...
   local name=$1 limit=$2; shift 2
@@ -71,8 +73,9 @@ section() {  # name, timeout, command...
       sft8b) section sft8b 590 python3 benchmarks/sft_throughput.py --no-tiny --gpu --gpu_shapes llama-3.1-8b --gpu_steps 5 ;;
       memory) section memory 400 python3 benchmarks/memory.py --skip_measure ;;
       generation) section generation 400 python3 benchmarks/gpu_generation.py --shape llama-1b ;;
+      checkpoint) section checkpoint 400 python3 benchmarks/checkpoint.py --sizes 100m 1b --reps 2 ;;
       weight_sync) section weight_sync 400 python3 benchmarks/weight_sync.py --sizes 200m --buckets 64 256 --reps 3 ;;
-      *) echo "unknown section $s (sft1b sft8b memory generation weight_sync)" ;;
+      *) echo "unknown section $s (sft1b sft8b memory generation checkpoint weight_sync)" ;;
     esac
   done
 } | tee "$OUTFILE"
