@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tulu.tensorfile import TensorFile
+from tulu.tensorfile import TensorFile, save_tensors
 
 
 @pytest.fixture
@@ -66,3 +66,17 @@ def test_refuses_wrong_shapes_truncated_and_foreign_files(sample, tmp_path):
     junk.write_bytes(b"\xff" * 64)
     with pytest.raises(ValueError, match="not a safetensors file"):
         TensorFile(junk)
+
+
+def test_streamed_writer_is_read_back_by_safetensors(sample, tmp_path):
+    _, tensors = sample
+    tensors = {**tensors, "strided": torch.arange(12.0).reshape(3, 4).t()}  # non-contiguous input
+    path = tmp_path / "ours.safetensors"
+    save_tensors(path, tensors, metadata={"rows": '{"w": [0, 7]}'})
+    with safe_open(str(path), "pt") as ref, TensorFile(path) as f:
+        assert ref.metadata() == {"rows": '{"w": [0, 7]}'} and f.metadata == ref.metadata()
+        assert set(ref.keys()) == set(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(ref.get_tensor(name), t) and ref.get_tensor(name).dtype == t.dtype, name
+            assert torch.equal(f.read(name), t), name
+    assert int.from_bytes(path.read_bytes()[:8], "little") % 8 == 0  # header padded: data 8-byte aligned

@@ -25,11 +25,10 @@ import signal
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from tulu.dist import barrier, print0
 from tulu.model import _local_rows
-from tulu.tensorfile import TensorFile
+from tulu.tensorfile import TensorFile, save_tensors
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -67,13 +66,13 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, modules: dict, tra
         tensors, meta = {}, {}
         for name, t in _named_state(model, optimizer):
             local, row0 = _local_rows(t)
-            tensors[name] = local.detach().to("cpu").contiguous()
+            tensors[name] = local.detach()  # copied to the host one at a time, while it is written
             meta[name] = [row0, t.shape[0] if t.ndim else 0]
-        save_file(tensors, str(_rank_file(tmp, prefix, rank)), metadata={"rows": json.dumps(meta)})
+        save_tensors(_rank_file(tmp, prefix, rank), tensors, metadata={"rows": json.dumps(meta)})
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(_rank_file(tmp, "rng", rank)))
+    save_tensors(_rank_file(tmp, "rng", rank), rng)
     barrier()
     if rank == 0:
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, "world": world}, indent=1))

@@ -1,4 +1,6 @@
-"""Rows of safetensors tensors, read with plain file reads straight into existing tensors.
+"""safetensors files read and written one tensor at a time, with plain file I/O.
+
+Reading: rows of a tensor go straight into an existing tensor.
 
 `safetensors.safe_open` maps the whole file and returns a new tensor for every slice: loading a
 shard costs a copy out of the map and another into the parameter, and the mapped pages count in
@@ -8,6 +10,10 @@ format: an 8-byte little-endian header length, a JSON header giving each tensor'
 data_offsets, then the data; github.com/huggingface/safetensors, "Format") and the requested rows
 are read into the destination itself, or into one temporary of the slice's size when the
 destination's dtype, device or layout differs from the file's.
+
+Writing (`save_tensors`): the header is computed from shapes and dtypes, then each tensor is copied
+to the host only while it is written, so saving GPU shards needs host memory for one tensor, not
+for the whole rank's state (as `safetensors.torch.save_file` of host copies would).
 """
 from __future__ import annotations
 
@@ -21,7 +27,26 @@ import torch
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (any device) as a safetensors file, streaming one tensor at a time."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to keep the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            host = t.detach().to("cpu").contiguous()
+            f.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
 
 
 class TensorFile:
