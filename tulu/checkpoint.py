@@ -1,22 +1,23 @@
 """Checkpoints and Hugging Face export.
 
-Export is a streamed gather: parameters are all-gathered one at a time (a collective on every rank)
-and rank 0 appends each to the current safetensors shard, writing the shard out when it reaches
-`max_shard_bytes`. Rank 0's extra memory peaks at one shard, never the whole model. The folder is
-written under a temporary name and published with a rename, so a crash never leaves a complete-
-looking export.
+Export is a streamed gather: the shard files are planned from the parameters' shapes (at most
+`max_shard_bytes` each), then parameters are all-gathered one at a time (a collective on every
+rank) and rank 0 writes each straight into its file (tulu.tensorfile.TensorWriter). Rank 0's extra
+host memory peaks at one tensor, never a shard or the whole model. The folder is written under a
+temporary name and published with a rename, so a crash never leaves a complete-looking export.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from tulu.dist import barrier
+from tulu.tensorfile import TensorWriter
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
@@ -55,36 +56,24 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, is_
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    shard: dict[str, torch.Tensor] = {}
-    files: list[dict[str, torch.Tensor]] = []  # only names are kept per written shard
-    weight_map: dict[str, str] = {}
-    shard_bytes = 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        if shard:
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(shard, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            files.append(dict.fromkeys(shard))
-            shard, shard_bytes = {}, 0
-
     tensors = list(model.named_parameters()) + [
         (n, b) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] not in _non_persistent(model, n)]
-    for name, p in tensors:
-        full = full_tensor(p)  # collective: all ranks, same order
+    specs = [(n, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for n, t in tensors]
+    shards = plan_shards(specs, max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        writer = TensorWriter(tmp / fname, [specs[i] for i in shard], {"format": "pt"}) if is_main else None
+        for i in shard:
+            full = full_tensor(tensors[i][1])  # collective: all ranks, same order
+            if is_main:
+                writer.write(full.to(specs[i][1]))
+                weight_map[specs[i][0]] = fname
+            del full
         if is_main:
-            t = full.to("cpu", dtype if full.is_floating_point() else full.dtype).contiguous()
-            if shard_bytes + t.numel() * t.element_size() > max_shard_bytes:
-                flush()
-            shard[name] = t
-            shard_bytes += t.numel() * t.element_size()
-        del full
+            writer.close()
     if is_main:
-        flush()
-        if len(files) == 1:
-            os.rename(tmp / "model-00001.safetensors", tmp / "model.safetensors")
-        else:
+        if len(shards) > 1:
             total = sum(model.get_parameter(n).numel() for n in weight_map if _is_param(model, n))
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_parameters": total}, "weight_map": weight_map}, indent=2))
@@ -99,6 +88,22 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, is_
         tokenizer.save_pretrained(tmp)
         _publish(tmp, out_dir)
     barrier()
+
+
+def plan_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int) -> list[list[int]]:
+    """Consecutive tensors (indices into specs) per file, each file at most max_shard_bytes unless a
+    single tensor is larger. From shapes alone, so every rank plans the same files before any gather
+    and each file's header can be written before its tensors are streamed in."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, dtype, shape) in enumerate(specs):
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

@@ -31,22 +31,50 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 
 
+class TensorWriter:
+    """A safetensors file written tensor by tensor: the header comes from `specs` (name, dtype,
+    shape), then `write` takes the tensors in that order, from any device; `close` checks that all
+    came. The host holds one tensor at a time."""
+
+    def __init__(self, path: str | os.PathLike, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, dtype, shape in specs:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces: the data starts 8-byte aligned
+        self.path, self.specs, self._done = Path(path), specs, 0
+        self._f = open(self.path, "wb")
+        self._f.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, t: torch.Tensor) -> None:
+        name, dtype, shape = self.specs[self._done]
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{self.path}: {name} is {dtype} {list(shape)} in the header, got {t.dtype} {list(t.shape)}")
+        host = t.detach().to("cpu").contiguous()
+        self._f.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
+        self._done += 1
+
+    def close(self) -> None:
+        self._f.close()
+        if self._done != len(self.specs):
+            raise ValueError(f"{self.path}: {self._done} of {len(self.specs)} tensors written")
+
+    def __enter__(self) -> "TensorWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._f.close() if exc_type else self.close()  # an error inside: keep it, not a count mismatch
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` (any device) as a safetensors file, streaming one tensor at a time."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to keep the data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+    with TensorWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata) as w:
         for t in tensors.values():
-            host = t.detach().to("cpu").contiguous()
-            f.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
+            w.write(t)
 
 
 class TensorFile:
