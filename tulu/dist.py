@@ -100,9 +100,9 @@ def entrypoint(main):
 
     The rank that raises first writes its traceback to torchrun's error file (what `@record` does),
     and torchrun prints it once, under "Root Cause", then stops the other ranks. A rank whose
-    collective fails because that peer is gone prints one line instead of a second traceback, and
-    exits at once (it would otherwise wait in the next collective until torchrun's SIGTERM).
-    Without torchrun (plain `python train/x.py`) the exception propagates as usual."""
+    collective fails because that peer is gone prints one line instead of a second traceback and
+    lets torchrun stop it (see `_die`). Without torchrun (plain `python train/x.py`) the exception
+    propagates as usual."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
