@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from tulu.dist import barrier
 from tulu.tensorfile import TensorWriter
@@ -61,6 +62,9 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, is_
     specs = [(n, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for n, t in tensors]
     shards = plan_shards(specs, max_shard_bytes)
     weight_map: dict[str, str] = {}
+    total = sum(math.prod(shape) * dt.itemsize for _, dt, shape in specs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {out_dir}", mininterval=5,
+               disable=not is_main or total < 2**30)  # a bar only where it takes a while
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         writer = TensorWriter(tmp / fname, [specs[i] for i in shard], {"format": "pt"}) if is_main else None
@@ -69,9 +73,11 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, is_
             if is_main:
                 writer.write(full.to(specs[i][1]))
                 weight_map[specs[i][0]] = fname
+                bar.update(math.prod(specs[i][2]) * specs[i][1].itemsize)
             del full
         if is_main:
             writer.close()
+    bar.close()
     if is_main:
         if len(shards) > 1:
             total = sum(model.get_parameter(n).numel() for n in weight_map if _is_param(model, n))

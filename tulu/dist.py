@@ -58,10 +58,13 @@ def init_dist(timeout_s: int = 1800) -> Dist:
     return Dist(rank, world, local_rank, device, backend)
 
 
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only (flushes: torchrun buffers child output)."""
+def print0(*args) -> None:
+    """print on rank 0 only, above any progress bar (tqdm.write), flushed: torchrun buffers child output."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(" ".join(str(a) for a in args))
+        sys.stdout.flush()
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:

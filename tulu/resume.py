@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -58,6 +59,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, modules: dict, tra
     (only complete ones, only after the new one is complete). modules: {prefix: (model, optimizer)}."""
     root = checkpoint_root(output_dir)
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
+    start = time.perf_counter()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -81,6 +83,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, modules: dict, tra
         (final / MARKER).write_text("ok\n")
         _prune(root, keep_last_n)
     barrier()
+    size = sum(f.stat().st_size for f in final.iterdir()) if rank == 0 else 0
+    print0(f"[checkpoint] saved {final} ({size / 1e9:.2f} GB, {time.perf_counter() - start:.1f} s)")
     return final
 
 
@@ -157,6 +161,7 @@ class _RowIndex:
 def load_checkpoint(path: Path, modules: dict, rank: int, world: int) -> dict:
     """Load every registered model and optimizer from `path` (any writer world size) and, when the
     world size is unchanged, this rank's RNG state. Returns the trainer_state dict."""
+    start = time.perf_counter()
     state = json.loads((path / "trainer_state.json").read_text())
     for prefix, (model, optimizer) in modules.items():
         index = _RowIndex(sorted(path.glob(f"{prefix}-rank*.safetensors")))
@@ -185,7 +190,8 @@ def load_checkpoint(path: Path, modules: dict, rank: int, world: int) -> dict:
     else:
         print0(f"[checkpoint] world size {state.get('world')} -> {world}: data position and weights carry over; "
                "per-rank RNG streams are reseeded")
-    print0(f"[checkpoint] resumed from {path} (step {state['step']}, {state.get('samples_seen')} samples seen)")
+    print0(f"[checkpoint] resumed from {path} (step {state['step']}, {state.get('samples_seen')} samples seen; "
+           f"{time.perf_counter() - start:.1f} s)")
     return state
 
 
