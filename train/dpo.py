@@ -113,8 +113,7 @@ def plan(args: Args, mixer: dict) -> None:
     needs_ref = DPO_LOSSES[args.dpo_loss_type].needs_reference
     lines = [("global batch", f"{G} pairs ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
                               f"x {world} ranks)"), ("tokens / step (at most)", 2 * G * args.max_seq_length), *schedule,
-             ("reference", args.reference_logprobs if needs_ref else "none (reference-free)"),
-             ("offloaded to host", "params, grads, AdamW state" if args.cpu_offload else "nothing")]
+             ("reference", args.reference_logprobs if needs_ref else "none (reference-free)")]
     models = {"policy": (args.model_name_or_path, "causal_lm", True)}
     if needs_ref and args.reference_logprobs == "live":
         models["reference (frozen)"] = (args.model_name_or_path, "causal_lm", False)
@@ -261,7 +260,6 @@ def main(args: Args) -> None:
                    d.rank, d.world, lambda folder: export_hf(model, tokenizer, folder, d.is_main))
         if stopping:
             stopped = True
-            print0(f"[dpo] stopped by signal after step {step + 1}; rerun the same command to resume")
             break
     if not stopped:
         if eval_data is not None:

@@ -205,8 +205,7 @@ def plan(args: Args, train_mix: dict) -> None:
              ("tokens / step (at most)", prompts * n * (args.max_prompt_token_length or 0) + prompts * n * args.response_length),
              ("prompt rows", rows if rows is not None else "not loadable here"),
              ("engines", f"{args.vllm_num_engines} x TP {args.vllm_tensor_parallel_size} ({args.engine}), "
-                         f"async={args.async_mode}"),
-             ("offloaded to host", "policy/value params, grads, AdamW state" if args.cpu_offload else "nothing")]
+                         f"async={args.async_mode}")]
     models = {"policy": (args.model_name_or_path, "causal_lm", True)}
     if args.beta > 0:
         models["reference (frozen)"] = (args.model_name_or_path, "causal_lm", False)

@@ -100,7 +100,7 @@ def plan(args: Args, mixer: dict) -> None:
                                  args.max_train_steps, args.warmup_ratio)
     lines = [("global batch", f"{G} pairs ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
                               f"x {world} ranks)"), ("tokens / step (at most)", 2 * G * (args.max_token_length or 0)),
-             *schedule, ("offloaded to host", "params, grads, AdamW state" if args.cpu_offload else "nothing")]
+             *schedule]
     print_plan("rm", world=world, preset=args.preset, cpu_offload=args.cpu_offload, lines=lines,
                models={"reward model": (args.model_name_or_path, "reward", True)})
 
@@ -215,7 +215,6 @@ def main(args: Args) -> None:
                    d.rank, d.world, lambda folder: export_hf(model, tokenizer, folder, d.is_main))
         if stopping:
             stopped = True
-            print0(f"[rm] stopped by signal after step {step + 1}; rerun the same command to resume")
             break
 
     if not stopped:

@@ -67,7 +67,6 @@ def plan(args: Args, mixer: dict) -> None:
                               f"x {world} ranks)"), ("tokens / step (at most)", G * args.max_seq_length), *schedule]
     if steps:
         lines.append(("tokens (at most)", f"{steps * G * args.max_seq_length:.3e}"))
-    lines.append(("offloaded to host", "params, grads, AdamW state" if args.cpu_offload else "nothing"))
     print_plan("sft", world=world, preset=args.preset, cpu_offload=args.cpu_offload, lines=lines,
                models={"policy": (args.model_name_or_path, "causal_lm", True)})
 
@@ -153,12 +152,10 @@ def main(args: Args) -> None:
                            f"loss/token {out['train/loss_per_token']:.4f} lr {extra['train/lr']:.2e} tok/s/dev {tps:.0f}")
             window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
 
-        path = maybe_save(args, step + 1, steps_per_epoch, stopping, {"model": (model, optimizer)}, global_batch,
-                          d.rank, d.world, lambda folder: export_hf(model, tokenizer, folder, d.is_main))
+        maybe_save(args, step + 1, steps_per_epoch, stopping, {"model": (model, optimizer)}, global_batch,
+                   d.rank, d.world, lambda folder: export_hf(model, tokenizer, folder, d.is_main))
         if stopping:
             stopped = True
-            print0(f"[sft] stopped by signal after step {step + 1}; resume with the same command "
-                   f"(--resume_from_checkpoint auto) or --resume_from_checkpoint {path}")
             break
 
     if not stopped:

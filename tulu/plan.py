@@ -62,7 +62,8 @@ def print_plan(stage: str, *, world: int, preset: str | None, models: dict, cpu_
     print(f"== dry run: {stage} at world size {world}" + (f" (preset {preset})" if preset else ""))
     if preset:
         print(f"   launch: {launch_line(preset)}")
-    for label, value in lines:
+    offloaded = "every model's params, the trained ones' grads and AdamW state" if cpu_offload else "nothing"
+    for label, value in [*lines, ("offloaded to host", offloaded)]:
         print(f"   {label:<28} {value}")
     total = 0
     for label, (name, kind, trained) in models.items():

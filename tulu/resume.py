@@ -236,7 +236,8 @@ def maybe_resume(args, modules: dict, scheduler, global_batch: int, rank: int, w
 def maybe_save(args, completed: int, steps_per_epoch: int, stopping: bool, modules: dict, global_batch: int,
                rank: int, world: int, export=None) -> Path | None:
     """Save after optimizer step `completed` when --checkpointing_steps says so or a stop was
-    requested; `export(folder)` also writes a Hugging Face copy with --save_hf_every_checkpoint."""
+    requested (then also say how to resume); `export(folder)` also writes a Hugging Face copy with
+    --save_hf_every_checkpoint."""
     if not (stopping or args.should_save(completed, steps_per_epoch)):
         return None
     path = save_checkpoint(args.output_dir, completed, modules,
@@ -244,4 +245,7 @@ def maybe_save(args, completed: int, steps_per_epoch: int, stopping: bool, modul
                            rank, world, args.keep_last_n_checkpoints)
     if args.save_hf_every_checkpoint and export is not None:
         export(path.parent / f"hf_{path.name}")
+    if stopping:
+        print0(f"[checkpoint] stopped by signal after step {completed}; resume with the same command "
+               f"(--resume_from_checkpoint auto) or --resume_from_checkpoint {path}")
     return path
