@@ -4,9 +4,9 @@
     torchrun --standalone --nproc_per_node 2 benchmarks/checkpoint.py --sizes tiny --reps 1
     python benchmarks/checkpoint.py --sizes 100m --cold      # world of one; drop the page cache before loads
 
-For each size, rank 0 writes a random-weight Llama folder; every rank builds the FSDP2 model from it
-(as the training scripts do) and an AdamW whose state is filled in, so a checkpoint holds fp32
-parameters plus two moments. Then, `--reps` times:
+For each size, rank 0 writes a random-weight Llama folder (sft_throughput.write_random_model, bf16);
+every rank builds the FSDP2 model from it (as the training scripts do) and an AdamW whose state is
+filled in, so a checkpoint holds fp32 parameters plus two moments. Then, `--reps` times:
   save    tulu.resume.save_checkpoint (every rank writes its rows; atomic publish)
   load    tulu.resume.load_checkpoint into the same model and optimizer, after zeroing them; the
           parameters' and moments' checksums are compared with the values saved (a failed compare
@@ -34,39 +34,14 @@ from pathlib import Path
 
 import torch
 
+from sft_throughput import write_random_model  # benchmarks/ is this script's folder
 from tulu.checkpoint import export_hf
 from tulu.dist import barrier, init_dist, print0, shutdown
-from tulu.memory import llama_config
 from tulu.model import _local_rows, build_model, load_tokenizer
 from tulu.optim import build_optimizer
 from tulu.resume import load_checkpoint, save_checkpoint
 
-SIZES = {"tiny": ("tiny", {}), "100m": ("llama-100m", {}), "1b": ("llama-1b", {"vocab_size": 32000})}
-
-
-def write_random_model(folder: Path, size: str, shard_bytes: int) -> int:
-    """A Llama folder with N(0, 0.02) weights (norms at 1), written one shard at a time; returns #params."""
-    from safetensors.torch import save_file
-    from transformers import LlamaForCausalLM
-
-    shape, overrides = SIZES[size]
-    config = llama_config(shape, **overrides)
-    with torch.device("meta"):
-        names = [(n, p.shape) for n, p in LlamaForCausalLM(config).named_parameters()]
-    folder.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    shard, shard_size, weight_map, files = {}, 0, {}, 0
-    for i, (name, shp) in enumerate(names):
-        shard[name] = torch.ones(shp) if name.endswith("norm.weight") else torch.randn(shp, generator=gen) * 0.02
-        shard_size += shard[name].numel() * 4
-        if shard_size >= shard_bytes or i == len(names) - 1:
-            files += 1
-            save_file(shard, str(folder / f"model-{files:05d}.safetensors"), metadata={"format": "pt"})
-            weight_map.update({k: f"model-{files:05d}.safetensors" for k in shard})
-            shard, shard_size = {}, 0
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    config.save_pretrained(folder)
-    return sum(s.numel() for _, s in names)
+SIZES = {"tiny": ("tiny", None), "100m": ("llama-100m", None), "1b": ("llama-1b", 32000)}  # shape, vocab
 
 
 def fill_optimizer_state(model, optimizer) -> None:
@@ -126,7 +101,7 @@ def drop_page_cache() -> None:
 
 def bench_size(size: str, work: Path, args, d, tokenizer) -> dict:
     folder = work / f"model-{size}"
-    n_params = write_random_model(folder, size, args.shard_mb * 2**20) if d.is_main else 0
+    n_params = write_random_model(folder, SIZES[size][0], vocab_size=SIZES[size][1]) if d.is_main else 0
     barrier()
     model = build_model(str(folder), d.device, compute_dtype="fp32")
     optimizer = build_optimizer(model, 1e-5, 0.0)
@@ -194,7 +169,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["tiny", "100m", "1b"], choices=list(SIZES))
     ap.add_argument("--reps", type=int, default=2, help="save/load/export rounds per size (median seconds)")
-    ap.add_argument("--shard_mb", type=int, default=512, help="export (and input model) shard size")
+    ap.add_argument("--shard_mb", type=int, default=512, help="export shard size")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each load (root only)")
     ap.add_argument("--work_dir", default=None, help="where checkpoints go (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also append the rows as JSON lines here")

@@ -196,7 +196,7 @@ def cpu_table(args: Args) -> dict:
 # ------------------------------------------------------------------------------ GPU: 1B / 8B shapes (untested here)
 
 
-def write_random_model(folder: Path, shape: str, layers: int | None = None) -> int:
+def write_random_model(folder: Path, shape: str, layers: int | None = None, vocab_size: int | None = None) -> int:
     """A Llama-shaped folder with random bf16 weights and the tiny tokenizer; returns #params.
     One random tensor per distinct shape, cloned per key: writing 8B weights takes seconds, not minutes."""
     import torch
@@ -206,10 +206,13 @@ def write_random_model(folder: Path, shape: str, layers: int | None = None) -> i
     from tulu.memory import llama_config
     from tulu.tiny import tiny_dir
 
-    config = llama_config(shape, **({"num_hidden_layers": layers} if layers else {}))
+    config = llama_config(shape, **({"num_hidden_layers": layers} if layers else {}),
+                          **({"vocab_size": vocab_size} if vocab_size else {}))
     done = folder / "model.safetensors.index.json"
-    if done.exists() and json.loads((folder / "config.json").read_text())["num_hidden_layers"] == config.num_hidden_layers:
-        return json.loads(done.read_text())["metadata"]["total_params"]
+    if done.exists():
+        old = json.loads((folder / "config.json").read_text())
+        if (old["num_hidden_layers"], old["vocab_size"]) == (config.num_hidden_layers, config.vocab_size):
+            return json.loads(done.read_text())["metadata"]["total_params"]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     with torch.device("meta"):
