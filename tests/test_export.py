@@ -41,6 +41,7 @@ def test_sharded_export_is_exact_and_loads(tmp_path):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files[0].endswith(f"-of-{len(files):05d}.safetensors"), files
     assert set(index["weight_map"]) == set(src)
+    assert index["metadata"]["total_parameters"] == sum(t.numel() for t in src.values())
     got = {}
     for name in files:
         assert (tmp_path / "fp32" / name).stat().st_size <= largest + 4096  # + its header

@@ -62,27 +62,28 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, is_
     specs = [(n, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for n, t in tensors]
     shards = plan_shards(specs, max_shard_bytes)
     weight_map: dict[str, str] = {}
-    total = sum(math.prod(shape) * dt.itemsize for _, dt, shape in specs)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {out_dir}", mininterval=5,
-               disable=not is_main or total < 2**30)  # a bar only where it takes a while
+    total_bytes = sum(math.prod(shape) * dt.itemsize for _, dt, shape in specs)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"export {out_dir}", mininterval=5,
+               disable=not is_main or total_bytes < 2**30)  # a bar only where it takes a while
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         writer = TensorWriter(tmp / fname, [specs[i] for i in shard], {"format": "pt"}) if is_main else None
         for i in shard:
             full = full_tensor(tensors[i][1])  # collective: all ranks, same order
             if is_main:
-                writer.write(full.to(specs[i][1]))
+                out = full.to(specs[i][1])
+                writer.write(out)
                 weight_map[specs[i][0]] = fname
-                bar.update(math.prod(specs[i][2]) * specs[i][1].itemsize)
+                bar.update(out.numel() * out.element_size())
             del full
         if is_main:
             writer.close()
     bar.close()
     if is_main:
         if len(shards) > 1:
-            total = sum(model.get_parameter(n).numel() for n in weight_map if _is_param(model, n))
+            n_params = sum(p.numel() for p in model.parameters())  # every parameter is in the weight map
             (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_parameters": total}, "weight_map": weight_map}, indent=2))
+                json.dumps({"metadata": {"total_parameters": n_params}, "weight_map": weight_map}, indent=2))
         model.config.dtype = dtype
         # The class that was trained, not the checkpoint we started from (an RM starts from a causal
         # LM), and not FSDP's wrapper subclass (FSDPLlamaFor...).
@@ -128,11 +129,3 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 def _non_persistent(model: torch.nn.Module, buffer_name: str) -> set[str]:
     owner = model.get_submodule(buffer_name.rsplit(".", 1)[0]) if "." in buffer_name else model
     return set(getattr(owner, "_non_persistent_buffers_set", ()))
-
-
-def _is_param(model: torch.nn.Module, name: str) -> bool:
-    try:
-        model.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
