@@ -31,6 +31,11 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 
 
+def _bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, shared with it (writable)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 class TensorWriter:
     """A safetensors file written tensor by tensor: the header comes from `specs` (name, dtype,
     shape), then `write` takes the tensors in that order, from any device; `close` checks that all
@@ -55,7 +60,7 @@ class TensorWriter:
         if t.dtype != dtype or tuple(t.shape) != tuple(shape):
             raise ValueError(f"{self.path}: {name} is {dtype} {list(shape)} in the header, got {t.dtype} {list(t.shape)}")
         host = t.detach().to("cpu").contiguous()
-        self._f.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
+        self._f.write(_bytes(host))
         self._done += 1
 
     def close(self) -> None:
@@ -129,7 +134,7 @@ class TensorFile:
             raise KeyError(f"{self.path}: no tensor {name!r}") from None
 
     def _read_into(self, offset: int, t: torch.Tensor) -> None:
-        view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+        view = _bytes(t)
         self._f.seek(offset)
         done = 0
         while done < len(view):
