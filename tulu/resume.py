@@ -165,6 +165,7 @@ def load_checkpoint(path: Path, modules: dict, rank: int, world: int) -> dict:
     state = json.loads((path / "trainer_state.json").read_text())
     for prefix, (model, optimizer) in modules.items():
         index = _RowIndex(sorted(path.glob(f"{prefix}-rank*.safetensors")))
+        fused = optimizer is not None and any(g.get("fused") for g in optimizer.param_groups)
         for name, p in model.named_parameters():
             local, row0 = _local_rows(p)
             if local.numel():
@@ -172,7 +173,6 @@ def load_checkpoint(path: Path, modules: dict, rank: int, world: int) -> dict:
             if optimizer is None or f"{name}::step" not in index.rows[0]:
                 continue
             st = optimizer.state[p]
-            fused = any(g.get("fused") for g in optimizer.param_groups)
             step = index.read_scalar(f"{name}::step").to(torch.float32)
             st["step"] = step.to(p.device) if fused else step.cpu()
             for key in ("exp_avg", "exp_avg_sq"):  # every row is read: reuse the state's memory, or allocate
