@@ -4,11 +4,11 @@
 # WRITTEN ON A MACHINE WITHOUT A GPU AND NEVER RUN ON ONE: the first session with a GPU should expect to fix things.
 #
 #   bash benchmarks/gpu_suite.sh --fetch-wheels    # HERE (internet: PyPI): download the wheels the GPU machine lacks into .whl/
-#   bash benchmarks/gpu_suite.sh [SECTION ...]     # THERE: sft1b sft8b memory generation checkpoint weight_sync (default: all)
+#   bash benchmarks/gpu_suite.sh [SECTION ...]     # THERE: tests sft1b sft8b memory generation checkpoint weight_sync (default: all)
 #
 # Device tool (one command is capped at 10 minutes, so run the sections in two or three calls):
 #   echo /.whl/ >> .git/info/exclude; bash benchmarks/gpu_suite.sh --fetch-wheels      # once, here
-#   run(command="bash benchmarks/gpu_suite.sh sft1b memory generation weight_sync", carry=[".whl"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_suite.sh tests sft1b memory generation weight_sync", carry=[".whl"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh checkpoint", carry=[".whl"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh sft8b", carry=[".whl"], timeout_s=600)   # 8B: writes ~16 GB of weights
 #
@@ -17,6 +17,7 @@
 # multiprocess; pyarrow, pandas, fsspec, xxhash are already there). No flash-attn: attention is sdpa.
 #
 # Sections:
+#   tests        tests/test_gpu.py: host tensors in collectives under nccl (--cpu_offload, DPO reference cache)
 #   sft1b        train/sft.py, Llama-3.2-1B-shaped random weights, seq 4096, packing, bf16: tokens/s/GPU and MFU
 #   sft8b        the same, Llama-3.1-8B-shaped: CPU offload when the host RAM holds fp32 params+grads+AdamW
 #                (~120 GiB), else on the GPU (H200), else offload with as many layers as fit (the row says)
@@ -48,7 +49,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TULU_CACHE=${TULU_CACHE:-/tmp/tulu-cache}
 OUTFILE=${OUT:-/tmp}/gpu_results.md
-SECTIONS=("$@"); [[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(sft1b sft8b memory generation checkpoint weight_sync)
+SECTIONS=("$@"); [[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(tests sft1b sft8b memory generation checkpoint weight_sync)
 
 section() {  # name, timeout, command...
   local name=$1 limit=$2; shift 2
@@ -75,7 +76,8 @@ section() {  # name, timeout, command...
       generation) section generation 400 python3 benchmarks/gpu_generation.py --shape llama-1b ;;
       checkpoint) section checkpoint 400 python3 benchmarks/checkpoint.py --sizes 100m 1b --reps 2 ;;
       weight_sync) section weight_sync 400 python3 benchmarks/weight_sync.py --sizes 200m --buckets 64 256 --reps 3 ;;
-      *) echo "unknown section $s (sft1b sft8b memory generation checkpoint weight_sync)" ;;
+      tests) section tests 400 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
+      *) echo "unknown section $s (sft1b sft8b memory generation checkpoint weight_sync tests)" ;;
     esac
   done
 } | tee "$OUTFILE"

@@ -128,13 +128,19 @@ def test_simpo_builds_no_reference_and_matches_the_single_process_loop(tmp_path)
 @pytest.mark.slow
 def test_default_run_prefers_correct_answers_on_heldout_pairs(sft_tiny, tmp_path):
     """The embedded default (tulu/synth-pref, held-out tulu/synth-pref-eval in an unseen phrasing),
-    default settings, stopped at 40 of its 125 steps to keep CI short (a full default run: 0.995)."""
+    default settings, stopped at 40 of its 125 steps to keep CI short (a full default run: 0.995).
+    Evaluations every 15 steps log their own lines and never cut a 10-step training window short."""
     out = tmp_path / "dpo"
-    torchrun("train/dpo.py", ["--model_name_or_path", str(sft_tiny), "--output_dir", str(out), "--logging_steps", "10",
-                              "--max_train_steps", "40"], timeout=600)
+    proc = torchrun("train/dpo.py", ["--model_name_or_path", str(sft_tiny), "--output_dir", str(out),
+                                     "--logging_steps", "10", "--eval_steps", "15", "--max_train_steps", "40"],
+                    timeout=600)
+    assert "loss dpo_norm beta 5.0" in proc.stdout  # Tulu 3's β is the default for dpo_norm
     result = json.loads((out / "eval_results.json").read_text())
     assert result["eval/rewards/accuracy"] > 0.9, result
     logged = read_metrics(out)
+    assert [m["step"] for m in logged if "train/loss" in m] == [10, 20, 30, 40]
+    assert [m["step"] for m in logged if "eval/loss" in m] == [15, 30, 40]
+    assert not any("train/loss" in m and "eval/loss" in m for m in logged)
     assert logged[-1]["eval/rewards/accuracy"] == result["eval/rewards/accuracy"]
     assert logged[-2]["train/rewards/accuracy"] > 0.8 and logged[-2]["train/loss"] < 0.6
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()

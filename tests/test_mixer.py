@@ -30,6 +30,8 @@ def files(tmp_path):
 def test_parse_list_and_json_forms():
     assert parse_mixer(["x", "1.0", "y", "5000", "z", "0.25"]) == {"x": 1.0, "y": 5000, "z": 0.25}
     assert parse_mixer(mixer='{"x": 0.5, "y": 3}') == {"x": 0.5, "y": 3}
+    # `1` is the whole dataset (the original read 1 as a fraction unless another value was a count > 1)
+    assert parse_mixer(["x", "1"]) == parse_mixer(mixer='{"x": 1}') == {"x": 1.0}
     for bad in (["x"], ["x", "abc"], ["x", "1.5"], ["x", "0"]):
         with pytest.raises(ValueError):
             parse_mixer(bad)
@@ -99,3 +101,49 @@ def test_tokenization_is_cached(tmp_path, monkeypatch):
     assert first.ds["input_ids"] == second.ds["input_ids"]
     build_sft_data({str(path): 1.0}, tok, 32)  # another max length is another cache entry
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
+
+
+def test_integer_one_takes_the_whole_dataset(files):
+    parts = load_mixture(parse_mixer([str(files / "a.jsonl"), "1"]))
+    assert len(parts[0][1]) == 20
+
+
+def test_sources_with_conflicting_columns_and_foreign_ids_mix(tmp_path, monkeypatch):
+    """Sources are tokenized one by one, so columns we never read may disagree (a string `source`
+    here, an int there); integer and missing ids become strings, and errors still name the row."""
+    monkeypatch.setenv("TULU_CACHE", str(tmp_path / "cache"))
+    tok = load_tokenizer("tulu/tiny")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(json.dumps({"messages": _msgs(i), "source": "web", "id": 100 + i}) for i in range(6)))
+    b.write_text("\n".join(json.dumps({"messages": _msgs(i), "source": 7, **({"id": f"b{i}"} if i % 2 else {})})
+                           for i in range(4)))
+    data = build_sft_data({str(a): 1.0, str(b): 1.0}, tok, 64)
+    assert len(data) == 10
+    assert sorted(data.ds["id"]) == sorted([str(100 + i) for i in range(6)] + ["b1", "b3", f"{b}_0", f"{b}_2"])
+    # the rows are the sources' rows: decode one and find its question
+    assert {tok.decode(ids).split("q")[1][0] for ids in data.ds["input_ids"]} <= set("012345")
+    rows = [json.dumps({"messages": _msgs(0), "id": 5}), json.dumps({"messages": [], "id": 6})]
+    (tmp_path / "bad.jsonl").write_text("\n".join(rows))
+    with pytest.raises(DataError, match=r"bad.jsonl', row 1 \(id 6\): field 'messages' must be a non-empty list"):
+        build_sft_data({str(tmp_path / "bad.jsonl"): 1.0}, tok, 64)
+
+
+def test_mix_dir_is_written_on_a_cache_hit_too(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("TULU_CACHE", str(tmp_path / "cache"))
+    tok = load_tokenizer("tulu/tiny")
+    mixer = {str(files / "a.jsonl"): 0.5}
+    build_sft_data(mixer, tok, 64)
+    build_sft_data(mixer, tok, 64, mix_dir=str(tmp_path / "mix"))  # cached tokens; the mix file still appears
+    written = [json.loads(x) for x in (tmp_path / "mix" / "mixed_ds_train.jsonl").read_text().splitlines()]
+    assert len(written) == 10 and set(written[0]) == {"messages", "id"}
+
+
+def test_data_with_no_row_left_is_an_error(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("TULU_CACHE", str(tmp_path / "cache"))
+    tok = load_tokenizer("tulu/tiny")
+    prompt_only = tmp_path / "long.jsonl"  # every row's assistant turn starts after token 8
+    prompt_only.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": "word " * 50},
+                                                               {"role": "assistant", "content": "a"}]})
+                                     for _ in range(3)))
+    with pytest.raises(DataError, match=r"no row is left \(3 dropped"):
+        build_sft_data({str(prompt_only): 1.0}, tok, 8)

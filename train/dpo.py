@@ -73,8 +73,9 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     dpo_loss_type: Literal["dpo", "dpo_norm", "simpo", "wpo"] = "dpo_norm"
     """dpo: summed log-probs; dpo_norm: token-averaged (Tulu 3); simpo: averaged, reference-free, margin
     γ; wpo: dpo weighted by the policy's own likelihood of both responses."""
-    dpo_beta: float = 5.0
-    """β, the inverse temperature of the implicit reward (Tulu 3: 5 with dpo_norm)."""
+    dpo_beta: float | None = None
+    """β, the inverse temperature of the implicit reward. Default: 5 with dpo_norm (Tulu 3), else 0.1
+    (the original's default)."""
     dpo_gamma_beta_ratio: float = 0.3
     """SimPO target margin as γ/β."""
     dpo_label_smoothing: float = 0.0
@@ -189,19 +190,22 @@ def main(args: Args) -> None:
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, total_steps, int(total_steps * args.warmup_ratio), args.lr_scheduler_type)
     start_step = maybe_resume(args, {"model": (model, optimizer)}, scheduler, global_batch, d.rank, d.world)
-    metrics = Metrics(args.output_dir, d.is_main, d.device, start_tracker(args, dataclasses.asdict(args)))
-    loss_kw = dict(loss_type=loss_type, beta=args.dpo_beta, gamma_beta_ratio=args.dpo_gamma_beta_ratio,
+    tracker = start_tracker(args, dataclasses.asdict(args))
+    metrics = Metrics(args.output_dir, d.is_main, d.device, tracker)
+    eval_log = Metrics(args.output_dir, d.is_main, d.device, tracker)  # eval lines never flush a train window
+    beta = args.dpo_beta if args.dpo_beta is not None else 5.0 if args.dpo_loss_type == "dpo_norm" else 0.1
+    loss_kw = dict(loss_type=loss_type, beta=beta, gamma_beta_ratio=args.dpo_gamma_beta_ratio,
                    label_smoothing=args.dpo_label_smoothing)
     print0(f"[dpo] {len(data)} pairs (dropped {data.dropped} truncated, skipped {data.skipped} bad), "
            f"{len(eval_data) if eval_data else 0} eval pairs, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
            f"params, world {d.world}, global batch {global_batch} pairs, {total_steps} steps, loss {args.dpo_loss_type} "
-           f"beta {args.dpo_beta}, reference {args.reference_logprobs if loss_type.needs_reference else 'none'}, "
+           f"beta {beta}, reference {args.reference_logprobs if loss_type.needs_reference else 'none'}, "
            f"packing={args.packing}, dtype={compute_dtype}")
 
     def run_eval(step: int) -> None:
         out = evaluate(model, eval_data, lambda idxs, batch: reference_logps("eval", idxs, batch), loss_kw,
                        d.rank, d.world, args.per_device_train_batch_size, args.packing, pad_id, d.device, flash)
-        metrics.log(step, out)
+        eval_log.log(step, out)
         if d.is_main:
             (Path(args.output_dir) / "eval_results.json").write_text(json.dumps({"step": step, **out}, indent=1))
             tqdm.write(f"eval step {step}: loss {out['eval/loss']:.4f} rewards/accuracy {out['eval/rewards/accuracy']:.3f} "

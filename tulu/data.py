@@ -20,7 +20,7 @@ import torch
 
 from tulu import mixer as mixing
 from tulu.chat import DataError, check_messages, tokenize_sft
-from tulu.dist import barrier, print0
+from tulu.dist import barrier, is_node_leader, print0
 from tulu.packing import best_fit_decreasing, deal_bins
 from tulu.tiny import cache_root
 
@@ -44,8 +44,7 @@ class TokenizedData:
 
 
 def _sft_row(tokenizer, max_seq_length, skip_bad_rows):
-    def fn(row):
-        where = f"dataset {row['id'].rsplit('_', 1)[0]!r}, row {row['id'].rsplit('_', 1)[-1]} (id {row['id']})"
+    def fn(row, where):
         try:
             if "messages" not in row or row["messages"] is None:
                 raise DataError(f"{where}: missing field 'messages'")
@@ -67,39 +66,60 @@ def tokenizer_key(tokenizer) -> str:
 
 def build_dataset(kind: str, mixer: dict, tokenizer, row_fn: Callable, key_parts: list, split: str = "train",
                   shuffle: bool = True, mix_dir: str | None = None, num_proc: int | None = None,
-                  is_main: bool = True) -> TokenizedData:
+                  is_main: bool = True, allow_empty: bool = False) -> TokenizedData:
     """Mix, validate and tokenize once (rank 0), cache under $TULU_CACHE/tokenized/<key>, load everywhere.
 
-    row_fn(row) -> dict of token columns + "status" in {"ok", "dropped", "bad"}; the key covers the
-    data (names, amounts, local file stamps), the tokenizer, the template and `key_parts`.
+    row_fn(row, where) -> dict of token columns + "status" in {"ok", "dropped", "bad"}, where `where`
+    names the row in errors; the key covers the data (names, amounts, local file stamps), the
+    tokenizer, the template and `key_parts`. A node that cannot see rank 0's cache (TULU_CACHE not on
+    a shared filesystem) tokenizes its own copy.
     """
     key = hashlib.sha256(repr([kind, CACHE_VERSION, mixing.fingerprint(mixer, split), shuffle,
                                tokenizer_key(tokenizer), key_parts]).encode()).hexdigest()[:20]
     path = cache_root() / "tokenized" / f"{kind}-{key}"
-    if is_main and not path.exists():
+    if is_main and (mix_dir or not path.exists()):
         parts = mixing.load_mixture(mixer, split=split, shuffle=shuffle, mix_dir=mix_dir)
-        mixed = datasets.concatenate_datasets([ds for _, ds in parts]) if len(parts) > 1 else parts[0][1]
-        out = mixed.map(row_fn, num_proc=num_proc, remove_columns=[c for c in mixed.column_names if c != "id"],
-                        desc=f"tokenizing {kind}")
-        status = np.array(out["status"])
-        out = out.select(np.flatnonzero(status == "ok"))
-        if "length" not in out.column_names:  # a row_fn may report its own length (e.g. a pair's total)
-            col = "input_ids" if "input_ids" in out.column_names else out.column_names[1]
-            out = out.add_column("length", [len(x) for x in out[col]])
-        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=path.parent if path.parent.mkdir(parents=True, exist_ok=True) is None else None))
-        out.remove_columns("status").save_to_disk(str(tmp))
-        (tmp / "counts.txt").write_text(f"{int((status == 'dropped').sum())} {int((status == 'bad').sum())}")
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not path.exists():
+            _tokenize_to(path, kind, parts, row_fn, num_proc)
+    barrier()
+    if not path.exists() and is_node_leader():
+        print(f"[data] {path} is not visible on this node (TULU_CACHE is not shared): tokenizing here too", flush=True)
+        _tokenize_to(path, kind, mixing.load_mixture(mixer, split=split, shuffle=shuffle), row_fn, num_proc)
     barrier()
     ds = datasets.load_from_disk(str(path))
     dropped, skipped = (int(x) for x in (path / "counts.txt").read_text().split())
+    if not len(ds) and not allow_empty:
+        raise DataError(f"{kind} data {list(mixer)}: no row is left ({dropped} dropped with no trainable token "
+                        f"after truncation or over a length limit, {skipped} bad rows skipped)")
     if dropped or skipped:
         print0(f"[data] {kind}: kept {len(ds)} rows; dropped {dropped} with no trainable token left "
                f"after truncation; skipped {skipped} bad rows")
     return TokenizedData(ds.with_format(None), np.asarray(ds["length"]), dropped, skipped)
+
+
+def _tokenize_to(path: Path, kind: str, parts: list[tuple[str, datasets.Dataset]], row_fn: Callable,
+                 num_proc: int | None) -> None:
+    """Tokenize each source on its own (sources may disagree on their other columns), keep the "ok"
+    rows, and move the result into `path` in one rename (a crash never leaves a cache that looks done)."""
+    if not sum(len(ds) for _, ds in parts):
+        raise DataError(f"the mixture {[name for name, _ in parts]} selects no rows")
+    tokenized = [ds.map(lambda row, name=name: row_fn(row, f"dataset {name!r}, row {row['_row']} (id {row['id']})"),
+                        num_proc=num_proc, remove_columns=[c for c in ds.column_names if c != "id"],
+                        desc=f"tokenizing {kind} {name}") for name, ds in parts if len(ds)]
+    out = datasets.concatenate_datasets(tokenized) if len(tokenized) > 1 else tokenized[0]
+    status = np.array(out["status"])
+    out = out.select(np.flatnonzero(status == "ok"))
+    if "length" not in out.column_names:  # a row_fn may report its own length (e.g. a pair's total)
+        col = "input_ids" if "input_ids" in out.column_names else out.column_names[1]
+        out = out.add_column("length", [len(x) for x in out[col]])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=path.parent))
+    out.remove_columns("status").save_to_disk(str(tmp), num_shards=1 if not len(out) else None)  # 0 shards won't load
+    (tmp / "counts.txt").write_text(f"{int((status == 'dropped').sum())} {int((status == 'bad').sum())}")
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another node's rank wrote the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_sft_data(mixer: dict, tokenizer, max_seq_length: int | None, skip_bad_rows: bool = False,

@@ -1,7 +1,7 @@
 """Distributed setup: the only reader of RANK / WORLD_SIZE / LOCAL_RANK.
 
 `init_dist()` always starts a process group, also at world size 1 (plain `python train/sft.py`),
-so every script takes one code path: nccl on GPU, gloo on CPU.
+so every script takes one code path: nccl (plus gloo for host tensors) on GPU, gloo on CPU.
 """
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ def init_dist(timeout_s: int = 1800) -> Dist:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        # nccl for device tensors, gloo for host ones: with --cpu_offload the gradients (and so
+        # clip_grad_norm_'s reduction) live on the host, and nccl alone cannot reduce host memory.
+        device, backend = torch.device("cuda", local_rank), "cpu:gloo,cuda:nccl"
         torch.cuda.set_device(device)
     else:
         device, backend = torch.device("cpu"), "gloo"
@@ -54,8 +56,13 @@ def init_dist(timeout_s: int = 1800) -> Dist:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
+                                device_id=device if device.type == "cuda" else None)
     return Dist(rank, world, local_rank, device, backend)
+
+
+def is_node_leader() -> bool:
+    """Local rank 0: the process that prepares a node's own files (e.g. its tokenized-data cache)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
 def print0(*args) -> None:

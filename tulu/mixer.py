@@ -1,7 +1,8 @@
 """Dataset mixer with open-instruct's semantics (shared reference §7.4).
 
 `--dataset_mixer_list name1 1.0 name2 5000` (or the JSON dict form `{"name1": 1.0, "name2": 5000}`):
-a value containing "." is a fraction of that dataset, otherwise a row count. Each source is
+a value containing "." is a fraction of that dataset, otherwise a row count (`1` alone is the whole
+dataset, not one row, as the original read it unless another value was a count). Each source is
 shuffled with seed 42, the first int(frac·len) (or count) rows are taken, and the sources are
 concatenated in the order given. Sources: the embedded synthetic sets (`tulu/synth-*`), local
 `.jsonl`/`.json`/`.parquet` files or folders of them, `save_to_disk` folders, and hub names.
@@ -42,6 +43,8 @@ def parse_mixer(mixer_list: list[str] | None = None, mixer: str | dict | None = 
             raise ValueError(f"dataset {name!r}: fraction {value} must be in (0, 1] (an integer is a row count)")
         if isinstance(out[name], int) and out[name] <= 0:
             raise ValueError(f"dataset {name!r}: row count {value} must be positive")
+        if out[name] == 1:  # `1` is the whole dataset, as in the original whenever no value is a count > 1
+            out[name] = 1.0
     return out
 
 
@@ -101,9 +104,14 @@ def load_source(name: str, split: str = "train") -> datasets.Dataset:
 
 
 def select(ds: datasets.Dataset, name: str, amount: float | int, shuffle: bool = True) -> datasets.Dataset:
-    """Add `id` (source row) if missing, shuffle with seed 42, take the fraction or count."""
+    """Give every row a string `id` ({name}_{i} where missing) and its position in the source
+    (`_row`, for error messages), shuffle with seed 42, take the fraction or count."""
     if "id" not in ds.column_names:
         ds = ds.add_column("id", [f"{name}_{i}" for i in range(len(ds))])
+    elif ds.features["id"] != datasets.Value("string") or None in ds["id"]:  # e.g. integer ids, or some missing
+        ids = [f"{name}_{i}" if v is None else str(v) for i, v in enumerate(ds["id"])]
+        ds = ds.remove_columns("id").add_column("id", ids)
+    ds = ds.add_column("_row", list(range(len(ds))))
     if shuffle:
         ds = ds.shuffle(seed=MIX_SEED)
     n = int(amount * len(ds)) if isinstance(amount, float) else amount
@@ -123,7 +131,7 @@ def load_mixture(mixer: dict[str, float | int], split: str = "train", shuffle: b
         out = Path(mix_dir) / f"mixed_ds_{split}.jsonl"
         with open(out, "w", encoding="utf-8") as f:
             for _, ds in parts:
-                for row in ds:
+                for row in ds.remove_columns("_row"):
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return parts
 

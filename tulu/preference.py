@@ -67,8 +67,7 @@ def tokenize_pair(tokenizer, chosen: list[dict], rejected: list[dict], max_seq_l
 def _pref_row(tokenizer, max_seq_length, skip_bad_rows):
     empty = {f"{s}_{k}": [] for s in SIDES for k in ("input_ids", "labels")}
 
-    def fn(row):
-        where = f"dataset {row['id'].rsplit('_', 1)[0]!r}, row {row['id'].rsplit('_', 1)[-1]} (id {row['id']})"
+    def fn(row, where):
         try:
             for side in SIDES:
                 if row.get(side) is None:
@@ -178,7 +177,7 @@ def reference_cache(model, data: TokenizedData, cache_dir: str | Path, key: dict
     manifest = cache_dir / "manifest.json"
     key = json.loads(json.dumps({**key, "examples": len(data)}))  # as the manifest reads back (tuples -> lists)
     done = (cache_dir / "COMPLETE").exists() and manifest.exists() and json.loads(manifest.read_text())["key"] == key
-    done = bool(all_reduce(torch.tensor(float(done)), "min").item())  # every rank takes the same branch
+    done = bool(all_reduce(torch.tensor(float(done), device=device), "min").item())  # every rank takes the same branch
     if done:
         print0(f"[dpo] reusing reference log-prob cache {cache_dir}")
     else:

@@ -47,8 +47,7 @@ def keep_pair(n_prompt: int, n_chosen: int, n_rejected: int, max_token_length: i
 def _pref_row(tokenizer, max_token_length, max_prompt_token_length, skip_bad_rows):
     empty = {"chosen_input_ids": [], "rejected_input_ids": []}
 
-    def fn(row):
-        where = f"dataset {row['id'].rsplit('_', 1)[0]!r}, row {row['id'].rsplit('_', 1)[-1]} (id {row['id']})"
+    def fn(row, where):
         try:
             for field in ("chosen", "rejected"):
                 check_messages(row.get(field), where, field)
@@ -79,7 +78,7 @@ def build_pref_data(mixer: dict, splits: list[str], tokenizer, max_token_length:
     row_fn = _pref_row(tokenizer, max_token_length, max_prompt_token_length, skip_bad_rows)
     parts = [build_dataset("pref", {name: amount}, tokenizer, row_fn,
                            [max_token_length, max_prompt_token_length, skip_bad_rows],
-                           split=split, shuffle=False, num_proc=num_proc, is_main=is_main)
+                           split=split, shuffle=False, num_proc=num_proc, is_main=is_main, allow_empty=True)
              for (name, amount), split in zip(mixer.items(), splits)]
     ds = datasets.concatenate_datasets([p.ds for p in parts]) if len(parts) > 1 else parts[0].ds
     if len(ds) == 0:

@@ -14,14 +14,13 @@ from tulu.chat import DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import broadcast_object
 from tulu.ops import logprobs_from_logits
-from tulu.verifiers import verify_batch
+from tulu.verifiers import check_ground_truth, verify_batch
 
 INVALID_LOGPROB = 1.0  # the original's filler on padding: log-ratios there are 0, so KL is 0
 
 
 def _prompt_row(tokenizer, messages_key, ground_truths_key, max_prompt_len, max_token_len, skip_bad_rows):
-    def fn(row):
-        where = f"dataset {row['id'].rsplit('_', 1)[0]!r}, row {row['id'].rsplit('_', 1)[-1]}"
+    def fn(row, where):
         empty = {"input_ids": [], "ground_truth": "", "source": "", "status": "bad"}
         try:
             messages = row.get(messages_key)
@@ -32,6 +31,11 @@ def _prompt_row(tokenizer, messages_key, ground_truths_key, max_prompt_len, max_
                 raise DataError(f"{where}: missing field '{ground_truths_key}'")
             if row.get("dataset") is None:
                 raise DataError(f"{where}: missing field 'dataset' (the verifier source: gsm8k, math, ifeval)")
+            truth = row[ground_truths_key]
+            try:  # here, not at step 900: an unknown source or a malformed ground truth
+                check_ground_truth(row["dataset"], truth if isinstance(truth, str) else json.dumps(truth))
+            except (KeyError, ValueError) as e:
+                raise DataError(f"{where}: field 'dataset' / '{ground_truths_key}': {e.args[0]}") from None
         except DataError:
             if not skip_bad_rows:
                 raise
@@ -40,7 +44,6 @@ def _prompt_row(tokenizer, messages_key, ground_truths_key, max_prompt_len, max_
         ids = encode(tokenizer, render(tokenizer, prompt, add_generation_prompt=True))
         full = len(encode(tokenizer, render(tokenizer, messages)))
         too_long = (max_prompt_len and len(ids) > max_prompt_len) or (max_token_len and full > max_token_len)
-        truth = row[ground_truths_key]
         return {"input_ids": ids, "ground_truth": truth if isinstance(truth, str) else json.dumps(truth),
                 "source": str(row["dataset"]).lower(), "status": "dropped" if too_long else "ok"}
     return fn
@@ -88,7 +91,8 @@ def forward_inputs(batch: dict, rows, device: torch.device) -> dict:
     """Model kwargs for rows of a rollout batch: positions count real tokens only, so a left-padded
     prompt sees the rotary positions it would see alone."""
     mask = batch["attention_mask"][rows]
-    return {"input_ids": batch["query_response"][rows].to(device), "attention_mask": mask.long().to(device),
+    ids = batch["query_response"][rows].masked_fill(~mask, 0)  # the pad id may lie outside the embedding
+    return {"input_ids": ids.to(device), "attention_mask": mask.long().to(device),
             "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)}
 
 
@@ -97,7 +101,7 @@ def response_logprobs(model, batch: dict, rows, device: torch.device, temperatur
     The original divides logits by (temperature + 1e-7)."""
     Q = batch["context_length"]
     logits = model(**forward_inputs(batch, rows, device)).logits[:, Q - 1:-1]  # (b, R, V)
-    targets = batch["query_response"][rows, Q:].to(device)  # (b, R)
+    targets = batch["query_response"][rows, Q:].masked_fill(~batch["response_mask"][rows], 0).to(device)  # (b, R)
     lp = logprobs_from_logits(logits, targets, temperature + 1e-7)  # (b, R)
     return lp.masked_fill(~batch["response_mask"][rows].to(device), INVALID_LOGPROB)
 

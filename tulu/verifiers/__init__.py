@@ -12,10 +12,11 @@ sentence/word/language primitives).
 from tulu.verifiers.registry import (
     ALIASES,
     VERIFIERS,
+    check_ground_truth,
     get_verifier,
     strip_chat_prompt,
     verify,
     verify_batch,
 )
 
-__all__ = ["ALIASES", "VERIFIERS", "get_verifier", "strip_chat_prompt", "verify", "verify_batch"]
+__all__ = ["ALIASES", "VERIFIERS", "check_ground_truth", "get_verifier", "strip_chat_prompt", "verify", "verify_batch"]

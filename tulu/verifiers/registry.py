@@ -9,6 +9,8 @@ multiplies it by that flag.
 - `verify(source, response, ground_truth)`: an unknown source raises KeyError listing
   the known names; a None ground truth scores 0; a malformed one raises ValueError.
 - `verify_batch(sources, responses, ground_truths)`: the same, over a rollout batch.
+- `check_ground_truth(source, ground_truth)`: those errors up front (RLVR checks every row when it
+  loads its data, so no run dies at the step that first draws a bad row).
 Both are safe to call from any thread: the checkers are pure functions of their
 inputs, and the one stateful piece (the symbolic-math worker process) is serialized
 by its own lock and bounded by its own timeout.
@@ -73,6 +75,12 @@ def verify(source: str, response: str, ground_truth) -> float:
     if ground_truth is None or response is None:
         return 0.0
     return float(fn(str(response), ground_truth))
+
+
+def check_ground_truth(source: str, ground_truth) -> None:
+    """Raise now what `verify` would raise mid-run: KeyError for an unknown source, ValueError for a
+    malformed ground truth. Scoring an empty response parses the ground truth and runs no checker."""
+    get_verifier(source)("", ground_truth)
 
 
 def verify_batch(
