@@ -29,7 +29,8 @@ def run(model: str, steps: int, nproc: int, algo: str, async_mode: bool, extra: 
         episodes = steps * 16 * nproc * 4  # local_rollout_batch_size 16 x ranks x 4 samples
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(REPO / "train/rlvr.py"), "--model_name_or_path", model, "--algo", algo, "--num_evals", "0",
-               "--async_mode", str(async_mode), "--total_episodes", str(episodes), "--output_dir", tmp, *extra]
+               "--async_mode", str(async_mode), "--total_episodes", str(episodes), "--output_dir", tmp,
+               "--local_rollout_batch_size", "16", "--number_samples_per_prompt", "4", *extra]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
         if proc.returncode:

@@ -26,7 +26,7 @@ import inspect
 import random
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -39,6 +39,7 @@ class SamplingParams:
     top_p: float = 1.0  # nucleus sampling; 1 = off
     max_tokens: int = 16  # new tokens per completion
     stop_token_ids: tuple[int, ...] | None = None  # None = the model's EOS id(s); () = never stop early
+    stop_at_eos: bool = False  # also stop at the model's EOS id(s) when stop_token_ids is given (vLLM's default)
     seed: int | None = None  # None = fresh randomness each call
 
 
@@ -46,7 +47,7 @@ class SamplingParams:
 class Completion:
     token_ids: list[int]  # sampled tokens; a stop token that ended the completion is included
     logprobs: list[float]  # one per token, see the module docstring for the convention
-    finish_reason: str  # "stop" (hit a stop token) or "length" (hit max_tokens)
+    finish_reason: str  # "stop" (hit a stop token or, with stop_at_eos, EOS) or "length" (hit max_tokens)
     version: int = 0  # weight version of the engine that produced it (the trainer's step at the last sync)
 
 
@@ -59,11 +60,24 @@ class Engine(Protocol):
 
     # The weight-sync endpoints the serve loop calls (rollout/weight_sync.py has the protocol).
     def init_sync(self, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float,
-                  local_host: str | None = None) -> None: ...
+                  local_host: str | None = None) -> dict: ...  # {"dtype": the dtype its weights are held in}
 
-    def receive_weights(self) -> dict: ...
+    def receive_weights(self) -> dict: ...  # version, timings, and the bytes and dtypes received
 
     def close_sync(self) -> None: ...
+
+
+def model_eos_ids(config, generation_config=None) -> tuple[int, ...]:
+    """The model's EOS id(s): generation_config's (what HF generate and vLLM stop at), else config's."""
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    eos = getattr(config, "eos_token_id", None) if eos is None else eos
+    return tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+
+
+def stop_set(params: SamplingParams, eos_ids: Sequence[int]) -> set[int]:
+    """The token ids that end a completion; both engines use this one rule (see SamplingParams)."""
+    stop = set(eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+    return stop | set(eos_ids) if params.stop_at_eos else stop
 
 
 def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -112,10 +126,8 @@ class TorchEngine:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
-        cfg, gen = self.model.config, getattr(self.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        eos = cfg.eos_token_id if eos is None else eos
-        self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        cfg = self.model.config
+        self.eos_ids = model_eos_ids(cfg, getattr(self.model, "generation_config", None))
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else (self.eos_ids or (0,))[0]
         self.pad_id = int(pad)
         self.max_batch_rows = max_batch_rows
@@ -141,7 +153,7 @@ class TorchEngine:
     def _decode(self, prompts: list[list[int]], params: SamplingParams,
                 gens: list[torch.Generator]) -> list[Completion]:
         """Left-pad, prefill once, then sample one token per step through the KV cache."""
-        stop = set(self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+        stop = stop_set(params, self.eos_ids)
         B, P = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)  # (B, P) left-padded
         mask = torch.zeros((B, P), dtype=torch.long)  # (B, P)
@@ -190,10 +202,12 @@ class TorchEngine:
         self.version = self.version + 1 if version is None else version
 
     def init_sync(self, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float,
-                  local_host: str | None = None) -> None:
+                  local_host: str | None = None) -> dict:
+        """Join the weight-sync group; reply with the dtype this engine holds, which the trainer sends."""
         from rollout.weight_sync import WeightReceiver
 
         self._receiver = WeightReceiver(host, port, rank, world, backend, self.device, timeout_s, local_host)
+        return {"dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
 
     def receive_weights(self) -> dict:
         """Receive one sync (rollout/weight_sync.py) and load it; returns version and timings."""
@@ -205,8 +219,9 @@ class TorchEngine:
             for _ in weights:  # a failed load still takes every bucket, so the trainer never hangs
                 pass
         total = time.perf_counter() - t0
-        return {"version": self.version, "recv_s": self._receiver.last_recv_s,
-                "load_s": total - self._receiver.last_recv_s}
+        r = self._receiver
+        return {"version": self.version, "recv_s": r.last_recv_s, "load_s": total - r.last_recv_s,
+                "recv_bytes": r.last_bytes, "recv_dtypes": r.last_dtypes}
 
     def close_sync(self) -> None:
         if self._receiver is not None:

@@ -89,6 +89,11 @@ class EngineHandle:
                 fut.set_exception(EngineDied(f"rollout engine {self.name}: cannot send {op!r}: {e}"))
         return fut
 
+    def in_flight(self) -> list[Future]:
+        """Requests sent and not answered yet (a weight sync waits for them before its collectives)."""
+        with self._lock:
+            return [fut for _, fut in self._pending.values()]
+
     def _read(self) -> None:
         while True:
             try:

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from rollout.engine import Completion, SamplingParams
+from rollout.engine import Completion, SamplingParams, model_eos_ids, stop_set
 
 
 class WorkerExtension:
@@ -55,8 +55,9 @@ class WorkerExtension:
                 pass
         torch.cuda.synchronize()
         total = time.perf_counter() - t0
-        return {"version": version, "recv_s": self.tulu_receiver.last_recv_s,
-                "load_s": total - self.tulu_receiver.last_recv_s}
+        r = self.tulu_receiver
+        return {"version": version, "recv_s": r.last_recv_s, "load_s": total - r.last_recv_s,
+                "recv_bytes": r.last_bytes, "recv_dtypes": r.last_dtypes}
 
     def tulu_load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
         self.model_runner.model.load_weights(weights=weights)
@@ -80,19 +81,23 @@ class VLLMEngine:
                        enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
                        worker_extension_cls="rollout.vllm_engine.WorkerExtension",
                        logprobs_mode="processed_logprobs", trust_remote_code=False)
-        gen = self.llm.llm_engine.model_config.hf_config
-        eos = getattr(gen, "eos_token_id", None)
-        self.eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        from transformers import GenerationConfig
+
+        try:
+            gen = GenerationConfig.from_pretrained(str(resolve(model_path)))
+        except OSError:  # no generation_config.json
+            gen = None
+        self.eos_ids = model_eos_ids(self.llm.llm_engine.model_config.hf_config, gen)  # TorchEngine's rule
         self.version = 0
 
     def _vllm_params(self, params: SamplingParams, index: int):
         from vllm import SamplingParams as VSP
 
-        stop = params.stop_token_ids
+        # TorchEngine's stop set, spelled out: ignore_eos=True turns off vLLM's own EOS rule (the
+        # tokenizer's EOS + generation_config's), so exactly these ids end a completion in both engines.
         return VSP(n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
                    seed=None if params.seed is None else params.seed + index, logprobs=0, detokenize=False,
-                   stop_token_ids=None if stop is None else list(stop),
-                   ignore_eos=stop is not None and not set(self.eos_ids) <= set(stop))
+                   stop_token_ids=sorted(stop_set(params, self.eos_ids)), ignore_eos=True)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt
@@ -117,15 +122,18 @@ class VLLMEngine:
         self.version = self.version + 1 if version is None else version
 
     def init_sync(self, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float,
-                  local_host: str | None = None) -> None:
+                  local_host: str | None = None) -> dict:
+        """Join the weight-sync group; reply with the engine's dtype (bf16 by default), which the trainer sends."""
         self.llm.collective_rpc("tulu_init_sync", args=(host, port, rank, world, backend, timeout_s, local_host))
+        return {"dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")}
 
     def receive_weights(self) -> dict:
         replies = self.llm.collective_rpc("tulu_receive_weights")
         self.llm.reset_prefix_cache()  # KV blocks of the old weights must not be reused
         self.version = replies[0]["version"]
         return {"version": self.version, "recv_s": max(r["recv_s"] for r in replies),
-                "load_s": max(r["load_s"] for r in replies)}
+                "load_s": max(r["load_s"] for r in replies), "recv_bytes": replies[0]["recv_bytes"],
+                "recv_dtypes": replies[0]["recv_dtypes"]}  # every TP worker receives the full tensors
 
     def close_sync(self) -> None:
         self.llm.collective_rpc("tulu_close_sync")

@@ -22,8 +22,14 @@ One sync (`WeightSync.push`, called by EVERY trainer rank: `full_tensor()` is a 
 Timing split per sync (returned and logged): gather (the all-gathers), broadcast (packing plus
 waiting for broadcasts; includes time the engines spend loading earlier buckets), load (engine side,
 max over engines), total. `per_param=True` reproduces the original's scheme for comparison: one
-metadata message and one broadcast per parameter. `dtype=torch.bfloat16` sends bf16 (half the
-bytes; what a bf16 vLLM engine holds anyway).
+metadata message and one broadcast per parameter. Tensors travel in the dtype the engines hold (they
+report it when they join): bf16 to a bf16 vLLM engine (half the bytes of the fp32 masters; the
+original's full bf16 tensors), fp32 to the default CPU TorchEngine; `dtype=` overrides.
+
+Waiting: a push first waits, on every rank, until the engines have answered every request sent
+before it (async mode: the next batch's generation), polling in tiny all-reduces (`wait_together`)
+rather than inside the group's collectives: a generation may take longer than any collective timeout
+(the original waited without limit); the pool's timeout_s (an engine busy that long) ends the wait.
 
 Failures: push raises EngineDied before any collective when the pool already knows an engine is
 dead; an engine dying mid-sync closes its connections and gloo raises at once (measured: ~10 ms);
@@ -36,15 +42,13 @@ Usage on the trainer (rank 0 owns the pool; the other ranks pass None):
     ...train a step...
     stats = sync.push(model, version=step)     # every rank, between steps
     sync.close()                               # every rank, before pool.shutdown()
-A push issued while a generate is running waits for it on each engine (engines are single-threaded),
-so every Completion is produced by exactly one version, reported in `Completion.version`.
+A push issued while a generate is running waits for it (see Waiting), so every Completion is
+produced by exactly one version, reported in `Completion.version`.
 """
 from __future__ import annotations
 
 import datetime
-import json
 import math
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -52,7 +56,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+from rollout.groups import LOOPBACK, close_group, listen_store, new_group, recv_obj, send_obj, wait_together
+
 ALIGN = 64  # byte alignment of every tensor in a bucket: any dtype can view it, NCCL likes it
 
 
@@ -88,62 +93,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _send_obj(pg, obj, device) -> None:
-    """Broadcast a JSON-able object from rank 0 (our own metadata; JSON, never pickle)."""
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
-    pg.broadcast(torch.tensor([data.numel()], dtype=torch.int64, device=device), 0).wait()
-    pg.broadcast(data, 0).wait()
-
-
-def _recv_obj(pg, device):
-    n = torch.zeros(1, dtype=torch.int64, device=device)
-    pg.broadcast(n, 0).wait()
-    data = torch.empty(int(n.item()), dtype=torch.uint8, device=device)
-    pg.broadcast(data, 0).wait()
-    return json.loads(bytes(data.cpu().numpy()))
-
-
-def listen_store(host: str, port: int, world: int, timeout_s: float) -> dist.TCPStore:
-    """The group's TCPStore, hosted here on a socket bound to exactly (host, port); port 0 = any free."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    store = dist.TCPStore(host, sock.getsockname()[1], world_size=world, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=timeout_s), master_listen_fd=sock.fileno())
-    sock.detach()  # the store owns the descriptor now and closes it when it goes away
-    return store
-
-
-def new_group(store, rank: int, world: int, backend: str, timeout_s: float, bind_host: str = ""):
-    """A process group object on `store`, outside torch.distributed's world (use its own methods:
-    `pg.broadcast(t, root).wait()`; `dist.broadcast(group=pg)` does not apply to it)."""
-    prefix = dist.PrefixStore("tulu_weight_sync", store)
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if backend == "gloo":
-        opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = timeout
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]
-        return dist.ProcessGroupGloo(prefix, rank, world, opts)
-    opts = dist.ProcessGroupNCCL.Options()
-    opts._timeout = timeout
-    return dist.ProcessGroupNCCL(prefix, rank, world, opts)
-
-
-def close_group(pg) -> None:
-    """Both sides: barrier, then shutdown (a side group left alive crashes the process at exit)."""
-    try:
-        pg.barrier().wait()
-    finally:
-        pg.shutdown()
-
-
 class WeightSync:
     """Trainer side. Build on every trainer rank; only rank 0 talks to the engines."""
 
     def __init__(self, pool=None, *, host: str = "127.0.0.1", port: int = 0, backend: str | None = None,
                  bucket_mb: float | None = None, dtype: torch.dtype | None = None, timeout_s: float = 600.0,
                  log: bool = True):
+        """dtype: what travels; None = the dtype the engines hold (they report it when they join):
+        bf16 for vLLM (the original's full bf16 tensors, checklist 27), fp32 for the default CPU
+        TorchEngine, so an fp32 engine gets the fp32 master weights bit for bit."""
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
@@ -153,8 +111,17 @@ class WeightSync:
         self.bucket_bytes, self.dtype, self.timeout_s, self.log = int(bucket_mb * 2**20), dtype, timeout_s, log
         self.pool, self.pg, self.history = pool, None, []
         self._ring: list[torch.Tensor] = []  # rank 0's two reusable bucket buffers (see _bucket_buffer)
-        if self.rank != 0:
-            return
+        engine_dtype = self._connect(host, port) if self.rank == 0 else None
+        if dtype is None:
+            if dist.is_initialized() and dist.get_world_size() > 1:  # every rank casts its shard before the gather
+                box = [engine_dtype]
+                dist.broadcast_object_list(box, src=0)
+                engine_dtype = box[0]
+            self.dtype = getattr(torch, engine_dtype) if engine_dtype else None  # None: the params' own
+
+    def _connect(self, host: str, port: int) -> str | None:
+        """Rank 0: build the group with every engine worker; returns the dtype the engines hold."""
+        pool, timeout_s = self.pool, self.timeout_s
         if pool is None:
             raise ValueError("WeightSync on trainer rank 0 needs the EnginePool")
         offsets, world = [], 1
@@ -166,7 +133,12 @@ class WeightSync:
         futures = [pool.call(e, "init_sync", host, self.port, off, world, self.backend, timeout_s)
                    for e, off in zip(pool.engines, offsets)]
         self.pg = new_group(self.store, 0, world, self.backend, timeout_s, host)  # returns once all joined
-        pool.wait(futures, timeout_s, "init_sync")
+        replies = pool.wait(futures, timeout_s, "init_sync")
+        held = {(r or {}).get("dtype") for r in replies}  # None: an engine that does not say
+        if len(held) > 1:
+            raise ValueError(f"weight sync: engines hold different dtypes {sorted(map(str, held))}; "
+                             "start them with one --dtype")
+        return held.pop() if held else None
 
     def push(self, model: torch.nn.Module, version: int, per_param: bool = False) -> dict:
         """Send every parameter of `model` (FSDP-sharded or plain) to every engine; collective."""
@@ -181,6 +153,13 @@ class WeightSync:
         else:
             header = {"version": version, "mode": "bucket", "buckets": sizes,
                       "params": [[s.name, _dtype_name(s.dtype), list(s.shape), s.bucket, s.offset] for s in slots]}
+        # Async mode: the engines are generating the next batch, and must finish before they can
+        # receive. Wait for that here, outside the sync group's collectives (whose timeout_s would
+        # otherwise cap how long a generation may outlast training); the pool's timeout_s bounds it.
+        earlier = [(e, f) for e in self.pool.engines for f in e.in_flight()] if self.rank == 0 else []
+        names = sorted({e.name for e, _ in earlier})
+        wait_together(lambda: any(not f.done() for _, f in earlier), self.pool.timeout_s if self.rank == 0 else 0,
+                      f"weight sync v{version}: waiting for {names} to finish their earlier requests")
         futures = []
         if self.rank == 0:
             dead = [e.status() for e in self.pool.engines if e.dead]
@@ -189,7 +168,7 @@ class WeightSync:
 
                 raise EngineDied(f"weight sync v{version}: {'; '.join(dead)}")
             futures = self.pool.call_all("receive_weights")
-            _send_obj(self.pg, header, self.device)
+            send_obj(self.pg, header, self.device)
         gather_s, bcast_s = self._stream(named, slots, sizes, per_param)
         stats = {"version": version, "mode": header["mode"], "gather_s": gather_s, "broadcast_s": bcast_s,
                  "bytes": sum(s.nbytes for s in slots), "buckets": len(sizes)}
@@ -200,6 +179,8 @@ class WeightSync:
                 raise RuntimeError(f"weight sync v{version}: engines report other versions: {stale}")
             stats["load_s"] = max(r["load_s"] for r in replies)
             stats["recv_s"] = max(r["recv_s"] for r in replies)
+            stats["engine_bytes"] = [r.get("recv_bytes") for r in replies]  # as counted on the engine side
+            stats["engine_dtypes"] = [r.get("recv_dtypes") for r in replies]
         stats["total_s"] = time.perf_counter() - t0
         stats["gbps"] = stats["bytes"] / stats["total_s"] / 1e9
         self.history.append(stats)
@@ -219,13 +200,16 @@ class WeightSync:
             per_bucket[slot.bucket] += 1
         for (_, p), slot in zip(named, slots):
             t = time.perf_counter()
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()  # collective on FSDP params
+            # Cast the local shard, then gather: the same values as gather-then-cast (rounding is per
+            # element), with half the all-gather bytes when fp32 masters travel as bf16.
+            local = p.detach().to(slot.dtype)
+            full = local.full_tensor() if hasattr(local, "full_tensor") else local  # collective on FSDP params
             gather_s += time.perf_counter() - t
             if self.rank != 0:
                 continue
             t = time.perf_counter()
             if per_param:  # the original's scheme: metadata, then the tensor itself, per parameter
-                _send_obj(self.pg, [slot.name, _dtype_name(slot.dtype), list(slot.shape)], self.device)
+                send_obj(self.pg, [slot.name, _dtype_name(slot.dtype), list(slot.shape)], self.device)
                 self.pg.broadcast(full.to(self.device, slot.dtype).contiguous(), 0).wait()
             else:
                 if slot.bucket != buf_idx:
@@ -284,28 +268,35 @@ class WeightReceiver:
         bind = local_host if local_host is not None else (host if host in LOOPBACK else "")
         self.pg = new_group(store, rank, world, backend, timeout_s, bind)
         self._store, self.last_recv_s = store, 0.0
+        self.last_bytes, self.last_dtypes = 0, []  # of the last sync: what actually arrived
 
     def receive(self):
         """Wait for the next sync's metadata; returns (version, iterator of (name, tensor)). The
         iterator receives bucket by bucket and must be consumed to the end (the trainer is waiting)."""
         t = time.perf_counter()
-        header = _recv_obj(self.pg, self.device)
+        header = recv_obj(self.pg, self.device)
         self.last_recv_s = time.perf_counter() - t
         return header["version"], self._tensors(header)
 
     def _tensors(self, header):
+        self.last_bytes, dtypes = 0, set()
         if header["mode"] == "per_param":
             for _ in range(header["count"]):
                 t = time.perf_counter()
-                name, dtype, shape = _recv_obj(self.pg, self.device)
+                name, dtype, shape = recv_obj(self.pg, self.device)
                 tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
                 self.pg.broadcast(tensor, 0).wait()
                 self.last_recv_s += time.perf_counter() - t
+                self.last_bytes += tensor.nbytes
+                dtypes.add(dtype)
                 yield name, tensor
+            self.last_dtypes = sorted(dtypes)
             return
         by_bucket: list[list] = [[] for _ in header["buckets"]]
         for name, dtype, shape, bucket, offset in header["params"]:
             by_bucket[bucket].append((name, getattr(torch, dtype), shape, offset))
+            dtypes.add(dtype)
+        self.last_dtypes = sorted(dtypes)
         if self.reuse_buffers and (not self._ring or self._ring[0].numel() < max(header["buckets"])):
             self._ring = [torch.empty(max(header["buckets"]), dtype=torch.uint8, device=self.device) for _ in range(2)]
         for bucket, size in enumerate(header["buckets"]):
@@ -317,6 +308,7 @@ class WeightReceiver:
             self.pg.broadcast(buf, 0).wait()
             self.last_recv_s += time.perf_counter() - t
             for name, dt, shape, offset in by_bucket[bucket]:
+                self.last_bytes += math.prod(shape) * dt.itemsize  # the tensors, not the alignment gaps
                 yield name, buf[offset : offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
 
     def close(self) -> None:

@@ -1,10 +1,11 @@
 """GAE, whitening and GRPO advantages vs hand-written per-element references. CPU, float64."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from tulu.advantages import gae, grpo_advantages, whiten_advantages
+from tulu.advantages import gae, grpo_advantages, whiten_advantages, whiten_global
 
 D = torch.float64
 
@@ -81,15 +82,66 @@ def test_grpo_identical_rewards_give_exactly_zero():
     assert (grpo_advantages(torch.tensor([1.0, 2.0]), 1) == 0).all()  # group of one: 0, not NaN
 
 
-def test_whitening_from_moments_equals_whitening_and_combines_across_shards():
-    from tulu.advantages import masked_moments, whiten_advantages, whiten_from_moments
+def _whiten_ref(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Independent float64 reference: the original's masked_whiten (two-pass, unbiased var, +1e-8), 0 on padding."""
+    vals = a[mask].astype(np.float64)
+    mean = vals.mean()
+    var = ((vals - mean) ** 2).sum() / (len(vals) - 1)
+    return np.where(mask, (a.astype(np.float64) - mean) / np.sqrt(var + 1e-8), 0.0)
 
+
+def test_whiten_global_equals_local_whitening_on_one_rank():
     torch.manual_seed(3)
-    a = torch.randn(6, 9, dtype=torch.float64)
+    a = torch.randn(6, 9, dtype=torch.float64) * 3 + 1
     mask = torch.rand(6, 9) > 0.3
-    own = whiten_from_moments(a, mask, masked_moments(a, mask).double())
-    assert torch.allclose(own.double(), whiten_advantages(a, mask).double(), atol=1e-5)
-    # two "ranks" holding halves: summed moments whiten like the whole batch at once
-    summed = masked_moments(a[:3], mask[:3]) + masked_moments(a[3:], mask[3:])
-    halves = torch.cat([whiten_from_moments(a[:3], mask[:3], summed), whiten_from_moments(a[3:], mask[3:], summed)])
-    assert torch.allclose(halves.double(), whiten_advantages(a, mask).double(), atol=1e-5)
+    w = whiten_global(a, mask)
+    assert torch.allclose(w, whiten_advantages(a, mask), rtol=0, atol=1e-12)
+    assert np.allclose(w.numpy(), _whiten_ref(a.numpy(), mask.numpy()), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mean, std", [(1e4, 1e-2), (-3e3, 1e-3), (50.0, 1e-4)])
+def test_whiten_global_large_mean_tiny_std_matches_float64(mean, std):
+    """|mean| >> std in fp32 (what PPO advantages are): E[x²] − mean² in fp32 loses every digit of
+    the variance here (or goes negative: NaN); the two-pass float64 sums do not."""
+    g = torch.Generator().manual_seed(4)
+    a = (mean + std * torch.randn(16, 32, generator=g, dtype=torch.float64)).float()  # (B, T) fp32
+    mask = torch.arange(32)[None, :] <= torch.randint(0, 32, (16,), generator=g)[:, None]
+    w = whiten_global(a, mask)
+    assert w.dtype == torch.float32 and torch.isfinite(w).all()
+    ref = _whiten_ref(a.numpy(), mask.numpy())  # from the same fp32 values, in float64
+    assert np.abs(w.double().numpy() - ref).max() < 1e-4, np.abs(w.double().numpy() - ref).max()
+
+
+def _two_rank_worker(rank: int, port: int, a: torch.Tensor, mask: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    from tulu.dist import all_reduce
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        rows = slice(0, 5) if rank == 0 else slice(5, None)  # unequal halves, different token counts
+        torch.save(whiten_global(a[rows], mask[rows], all_reduce), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_whiten_global_two_gloo_ranks_equal_the_whole_batch(tmp_path):
+    """Two real processes, each with part of the batch: every rank whitens with the GLOBAL mean and
+    variance (two all-reduces), equal to one float64 whitening of the whole batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(5)
+    a = (200.0 + 0.5 * torch.randn(12, 10, generator=g, dtype=torch.float64)).float()
+    a[5:] += 1.0  # the halves have different means: a rank-local whitening would differ
+    mask = torch.rand(12, 10, generator=g) > 0.25
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, a, mask, str(tmp_path)), nprocs=2, join=True)
+    got = torch.cat([torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")])
+    ref = _whiten_ref(a.numpy(), mask.numpy())
+    assert np.abs(got.double().numpy() - ref).max() < 1e-5
+    local = whiten_global(a[:5], mask[:5])  # what rank 0 alone would compute
+    assert (local - got[:5]).abs().max() > 0.1

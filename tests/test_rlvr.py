@@ -2,13 +2,17 @@
 GRPO (sync) raise the held-out verifiable correct rate; a 2-rank step equals the 1-rank step; a
 resumed run continues the episode count and the data order; the trainer and the engines agree on
 the sampled tokens' log-probs after every weight sync."""
+import ast
+import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import read_metrics, torchrun
+from conftest import REPO, read_metrics, script_env, torchrun
 
 
 def _evals(out):
@@ -19,8 +23,10 @@ def _evals(out):
 @pytest.mark.parametrize("algo, async_mode", [("ppo", "True"), ("grpo", "False")])
 def test_rlvr_raises_heldout_correct_rate(sft_tiny, tmp_path, algo, async_mode):
     out = tmp_path / algo
+    # 16 prompts x 4 samples per rank (grpo needs a group; the defaults, as the original's, are 64 x 1)
+    group = ["--number_samples_per_prompt", "4", "--local_rollout_batch_size", "16"]
     torchrun("train/rlvr.py", ["--model_name_or_path", str(sft_tiny), "--algo", algo, "--async_mode", async_mode,
-                               "--output_dir", str(out), "--num_evals", "1"], timeout=1200)
+                               "--output_dir", str(out), "--num_evals", "1", *group], timeout=1200)
     evals = _evals(out)
     assert len(evals) == 2
     assert evals[-1] >= evals[0] + 0.05, evals  # 200 held-out prompts: before the first step vs after the last
@@ -72,3 +78,28 @@ def test_resume_continues_episodes_and_data_order(sft_tiny, tmp_path):
         assert a["episode"] == b["episode"]
         for key in ("objective/scores", "objective/kl", "policy/grad_norm", "loss/policy"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
+
+
+def _dry_run(flags: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train/rlvr.py"), *flags, "--dry_run"], cwd=REPO,
+                          env=script_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_seed_8b_command_in_the_docstring_plans_the_original_schedule():
+    """The 8B command in rlvr.py's docstring passes no --number_samples_per_prompt, so our default
+    must be the original's (1): its schedule is then the one the shared reference derives (§5.1):
+    224 prompts x 1 sample per step, 10M // 224 = 44,642 training steps, x 4 epochs = 178,568."""
+    block = ast.get_docstring(ast.parse((REPO / "train/rlvr.py").read_text())).split("Tulu 3 8B RLVR")[1]
+    argv = shlex.split(" ".join(line.strip().rstrip("\\") for line in block.split("\n\n")[0].splitlines()[1:]))
+    assert argv[:3] == ["torchrun", "--nproc_per_node", "7"] and "--number_samples_per_prompt" not in argv
+    proc = _dry_run(argv[argv.index("train/rlvr.py") + 1:] + ["--dry_run_world_size", "7"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "224 (32 x 7 ranks) x 1 samples" in proc.stdout, proc.stdout
+    assert " 44642\n" in proc.stdout and "178568 (4 epochs x 1 minibatches)" in proc.stdout, proc.stdout
+
+
+def test_grpo_with_one_sample_per_prompt_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "train/rlvr.py"), "--algo", "grpo",
+                           "--output_dir", str(tmp_path)], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "grpo needs --number_samples_per_prompt >= 2" in proc.stdout + proc.stderr

@@ -85,6 +85,32 @@ def test_stop_tokens(engine):
     assert free.finish_reason == "length"
 
 
+def test_period_stop_token_also_stops_at_eos(engine):
+    """train/rlvr.py --stop_token period: the original's vLLM stopped at EOS and the response was cut
+    after its first '.' (shared reference §5.1, §5.5). So a completion must end at whichever of '.'
+    and EOS comes first: the free-running completion (same seeds) cut there, its log-probs unchanged."""
+    from transformers import AutoTokenizer
+
+    period = AutoTokenizer.from_pretrained(tiny_dir()).encode(".", add_special_tokens=False)[0]
+    assert period not in engine.eos_ids
+    prompts = [[2, 10 + i, 11, 12] for i in range(16)]
+    sp = SamplingParams(n=4, temperature=1.0, max_tokens=48, seed=5, stop_token_ids=())
+    free = [c for g in engine.generate(prompts, sp) for c in g]
+    stopped = [c for g in engine.generate(prompts, replace(sp, stop_token_ids=(period,), stop_at_eos=True)) for c in g]
+    ends = {"eos": 0, "period": 0}
+    for f, s in zip(free, stopped):
+        cut = next((i for i, t in enumerate(f.token_ids) if t == period or t in engine.eos_ids), None)
+        want = f.token_ids if cut is None else f.token_ids[: cut + 1]
+        assert s.token_ids == want and s.logprobs == f.logprobs[: len(want)]
+        assert s.finish_reason == ("length" if cut is None else "stop")
+        if cut is not None:
+            ends["period" if want[-1] == period else "eos"] += 1
+    assert ends["eos"] >= 2 and ends["period"] >= 2, ends  # both ways of ending occur in this batch
+    # Without stop_at_eos the stop set is exactly stop_token_ids (what `()` = never stop relies on).
+    only = [c for g in engine.generate(prompts, replace(sp, stop_token_ids=(period,))) for c in g]
+    assert any(set(c.token_ids[:-1]) & set(engine.eos_ids) for c in only)
+
+
 def test_top_p_filter_keeps_the_nucleus():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
     kept = top_p_filter(probs, 0.75) > 0

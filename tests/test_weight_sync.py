@@ -68,6 +68,82 @@ def test_sync_fsdp_two_ranks_two_engines():
     check_parity(res, 1e-5)
 
 
+@pytest.mark.slow
+def test_sync_sends_the_engine_dtype_and_waits_out_a_long_generation():
+    """One bf16 TorchEngine (what a vLLM engine holds) and an fp32 trainer (no dtype given):
+    1. the engine receives bf16 (2 bytes per element) and then holds exactly the trainer's weights
+       rounded to bf16 (same tokens and log-probs as an in-process bf16 engine loaded with them);
+    2. a push issued while the engine generates for longer than the sync group's timeout (3 s) waits
+       it out instead of dying in the group's broadcast;
+    3. an engine busy for longer than the pool's timeout ends the push with EngineTimeout, naming it."""
+    import threading
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from rollout.engine import SamplingParams, TorchEngine
+    from rollout.pool import EnginePool, EngineTimeout
+    from rollout.weight_sync import WeightSync
+    from tulu.tiny import tiny_dir
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir(), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # fp32 values that bf16 cannot hold exactly
+    pool = EnginePool.start(str(tiny_dir()), 1, threads=1, engine_args=["--dtype", "bf16"], start_timeout_s=120,
+                            timeout_s=120)
+    try:
+        sync = WeightSync(pool, bucket_mb=0.25, timeout_s=3, log=False)
+        stats = sync.push(model, version=1)
+        numel = sum(p.numel() for p in model.parameters())
+        assert stats["engine_dtypes"] == [["bfloat16"]] and stats["engine_bytes"] == [2 * numel], stats
+        prompts = [[2, 10 + i, 11] for i in range(6)]
+        sp = SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=3, stop_token_ids=())
+        local = TorchEngine(str(tiny_dir()), dtype="bf16")
+        local.load_weights((n, p.detach().to(torch.bfloat16)) for n, p in model.named_parameters())
+        for got, want in zip(pool.generate(prompts, sp), local.generate(prompts, sp)):
+            assert [c.token_ids for c in got] == [c.token_ids for c in want]
+            assert [c.logprobs for c in got] == [c.logprobs for c in want]
+
+        def background(out: list):
+            try:
+                out.append(pool.generate([[2, 5 + i, 9] for i in range(64)], long))
+            except EngineTimeout as e:
+                out.append(e)
+
+        long = SamplingParams(temperature=1.0, max_tokens=500, seed=0, stop_token_ids=())  # ~7 s here
+        done: list = []
+        gen = threading.Thread(target=background, args=(done,))
+        gen.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        sync.push(model, version=2)  # before: the group's 3 s broadcast timeout killed this push
+        waited = time.monotonic() - t0
+        gen.join()
+        assert waited > 3 and pool.versions == [2], (waited, pool.versions)
+        assert {c.version for g in done[0] for c in g} == {1}  # the whole batch came from version 1
+
+        pool.timeout_s = 1.0  # a "hung" engine: busy for longer than the pool allows
+        done = []
+        gen = threading.Thread(target=background, args=(done,))
+        gen.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        with pytest.raises(EngineTimeout, match=r"weight sync v3: waiting for \['engine-0'\]"):
+            sync.push(model, version=3)
+        assert time.monotonic() - t0 < 3
+        gen.join()
+        pool.timeout_s = 120
+        sync.push(model, version=3)  # the engine finishes that generation, then takes the weights
+        assert pool.versions == [3]
+        sync.close()
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(threads)
+
+
 def _has_vllm() -> bool:
     try:
         import vllm  # noqa: F401

@@ -6,6 +6,9 @@ original) generates the next batch while this one trains: one step off-policy.
 
 Embedded default (CPU): the tiny model on synthetic arithmetic prompts, verified with the GSM8K rule.
     torchrun --standalone --nproc_per_node 2 train/rlvr.py --model_name_or_path output/demo/sft
+GRPO normalizes within each prompt's group of samples, so it needs several (the default is 1, as the original):
+    torchrun --standalone --nproc_per_node 2 train/rlvr.py --model_name_or_path output/demo/sft --algo grpo \
+      --number_samples_per_prompt 4 --local_rollout_batch_size 16
 
 Tulu 3 8B RLVR (open-instruct docs/tulu3.md; 7 learner GPUs + 1 vLLM GPU):
     torchrun --nproc_per_node 7 train/rlvr.py --dataset_mixer '{"allenai/RLVR-GSM-MATH-IF-Mixed-Constraints": 1.0}' \
@@ -32,8 +35,9 @@ from tqdm import tqdm
 
 from rollout.engine import SamplingParams
 from rollout.pool import EnginePool
+from rollout.groups import wait_together
 from rollout.weight_sync import WeightSync
-from tulu.advantages import gae, grpo_advantages, masked_moments, whiten_from_moments
+from tulu.advantages import gae, grpo_advantages, whiten_global
 from tulu.checkpoint import export_hf
 from tulu.config import LogArgs, PlanArgs, cli
 from tulu.data import epoch_permutation, step_samples
@@ -103,12 +107,16 @@ class Args(LogArgs, PlanArgs):
     """GPUs per vLLM engine."""
     async_mode: bool = True
     """Generate the next batch while training on this one (one step off-policy, as the original)."""
+    engine_timeout_s: float = 3600.0
+    """Longest an engine may take to generate one batch. Trainer ranks wait for generation without a
+    collective timeout (the original waited without limit); this is what ends a hung engine's run."""
     temperature: float = 1.0
     """Sampling temperature (the learner divides logits by temperature + 1e-7, as the original)."""
     eval_temperature: float = 0.0
     """Temperature of the held-out evaluation (0 = greedy)."""
     stop_token: Literal["eos", "period"] = "eos"
-    """Stop generating at the eos token or at the first '.' token."""
+    """The token a response must end with (else non_stop_penalty). period: a response ends at its first '.'
+    token, or at EOS (which then draws the penalty), as the original's EOS-stopped, '.'-truncated output."""
     # --- rewards
     apply_verifiable_reward: bool = True
     """Add verification_reward · verified (GSM8K / MATH / IFEval checkers by the row's dataset)."""
@@ -157,10 +165,10 @@ class Args(LogArgs, PlanArgs):
     """Gradient-norm clip (the original's DeepSpeed config: 1.0)."""
     total_episodes: int = 12800
     """Responses to train on; training steps = total_episodes // (rollout prompts per step · samples)."""
-    local_rollout_batch_size: int = 16
-    """Prompts per rank per training step."""
-    number_samples_per_prompt: int = 4
-    """Responses sampled per prompt."""
+    local_rollout_batch_size: int = 64
+    """Prompts per rank per training step (the original's default)."""
+    number_samples_per_prompt: int = 1
+    """Responses sampled per prompt (the original's default; grpo needs >= 2, e.g. 4)."""
     local_mini_batch_size: int = 64
     """Responses per rank per optimizer step (must divide local_rollout_batch_size · samples)."""
     per_device_train_batch_size: int = 16
@@ -242,6 +250,9 @@ def main(args: Args) -> None:
     # ---- data
     tokenizer = load_tokenizer(args.model_name_or_path, args.model_revision, args.chat_template)
     stop_id = tokenizer.eos_token_id if args.stop_token == "eos" else tokenizer.encode(".", add_special_tokens=False)[0]
+    # Engines stop at EOS in both modes (the original's vLLM did), and at the first stop_id: the same
+    # response as the original's generate-to-EOS-then-truncate-after-the-first-stop_id.
+    stop_ids = tuple(dict.fromkeys((stop_id, tokenizer.eos_token_id)))
     embedded = not (args.dataset_mixer or args.dataset_mixer_list)
     eval_mix = load_mixer(args.dataset_eval_mixer, None, {"tulu/synth-rlvr-eval": 200} if embedded else {})
     build = lambda mix, split: build_prompt_data(mix, tokenizer, split, args.max_prompt_token_length,  # noqa: E731
@@ -277,7 +288,7 @@ def main(args: Args) -> None:
                   for k, o in optimizers.items()}
     eval_freq = max(1, total_steps // max(1, args.num_evals))
     eval_params = SamplingParams(n=1, temperature=args.eval_temperature, max_tokens=args.response_length,
-                                 stop_token_ids=(stop_id,), seed=args.seed)
+                                 stop_token_ids=stop_ids, stop_at_eos=True, seed=args.seed)
 
     start_step = 0
     resume = find_resume_point(args.output_dir, args.resume_from_checkpoint)
@@ -294,8 +305,9 @@ def main(args: Args) -> None:
     threads = max(1, ((os.cpu_count() or 1) - d.world) // args.vllm_num_engines)
     pool = EnginePool.start(args.model_name_or_path, args.vllm_num_engines, engine=engine, threads=threads,
                             gpus_per_engine=args.vllm_tensor_parallel_size,
-                            log_dir=f"{args.output_dir}/engine_logs") if d.is_main else None
-    sync = WeightSync(pool, log=False)
+                            log_dir=f"{args.output_dir}/engine_logs",
+                            timeout_s=args.engine_timeout_s) if d.is_main else None
+    sync = WeightSync(pool, log=False)  # sends in the engines' dtype: bf16 to vLLM, fp32 to a CPU TorchEngine
     sync.push(policy, version=start_step)
     metrics = Metrics(args.output_dir, d.is_main, d.device, start_tracker(args, dataclasses.asdict(args)))
     print0(f"[rlvr] {args.algo}: {len(data)} prompts, {total_steps} steps of {rollout_batch_size} prompts x {n} "
@@ -313,7 +325,7 @@ def main(args: Args) -> None:
     def launch(step: int):
         """Rank 0: start generating step `step`'s batch in the background (or run it now, in sync mode)."""
         params = SamplingParams(n=n, temperature=args.temperature, max_tokens=args.response_length,
-                                stop_token_ids=(stop_id,), seed=args.seed * 1_000_003 + step)
+                                stop_token_ids=stop_ids, stop_at_eos=True, seed=args.seed * 1_000_003 + step)
         prompts = [data.ds[i]["input_ids"] for i in prompts_for(step)]
         return executor.submit(generate, pool, prompts, params)
 
@@ -325,14 +337,15 @@ def main(args: Args) -> None:
                      initial=start_step, total=total_steps, mininterval=5):
         t_step = time.perf_counter()
         # ---- 1. this step's rollouts: generated by the previous policy (async) or the current one (sync)
-        gen_s = 0.0
+        gen_s, groups = 0.0, None
+        current = (pending if args.async_mode else launch(step)) if d.is_main else None
+        # Every rank waits in short polls, not in broadcast_object below: a generation may take longer
+        # than the default group's timeout. A hung engine fails `current` after engine_timeout_s.
+        wait_together(lambda: current is not None and not current.done(), 2 * args.engine_timeout_s, "generation")
         if d.is_main:
-            current = pending if args.async_mode else launch(step)
             groups, gen_s = current.result()
             if args.async_mode and step + 1 < total_steps:
                 pending = launch(step + 1)  # overlaps everything below until the next weight push
-        else:
-            groups = None
         t_wait = time.perf_counter() - t_step
         groups = broadcast_object(groups)
         ids = prompts_for(step)[d.rank * args.local_rollout_batch_size:(d.rank + 1) * args.local_rollout_batch_size]
@@ -379,10 +392,9 @@ def main(args: Args) -> None:
             if args.whiten_rewards:
                 rewards = masked_whiten(rewards, value_mask, shift_mean=False)
             advantages, returns = gae(rewards, old_values, value_mask, args.gamma, args.lam)  # (B, R)
-            # Whitened over the GLOBAL rollout batch (one all-reduce of 3 numbers). The original used
-            # each rank's slice, which makes the update depend on the number of ranks.
-            moments = all_reduce(masked_moments(advantages, resp_mask))
-            advantages = whiten_from_moments(advantages, resp_mask, moments)
+            # Whitened over the GLOBAL rollout batch (two all-reduces: the mean, then the squared
+            # deviations). The original used each rank's slice: the update depended on the rank count.
+            advantages = whiten_global(advantages, resp_mask, all_reduce)
         else:
             advantages = grpo_advantages(scores, n)  # (B,)
             non_score = -args.beta * kl.sum(1)
@@ -420,7 +432,8 @@ def main(args: Args) -> None:
                     optimizers[k].zero_grad(set_to_none=True)
         t_train = time.perf_counter() - t_train
 
-        # ---- 5. new weights to the engines (waits for the background generation to finish first)
+        # ---- 5. new weights to the engines (waits for the background generation to finish first,
+        # every rank in short polls, so it may outlast any collective timeout; see rollout/weight_sync.py)
         t_sync = time.perf_counter()
         sync.push(policy, version=step + 1)
         t_sync = time.perf_counter() - t_sync

@@ -6,6 +6,8 @@ grpo_vllm_thread_ray_gtrl.py 648539372 (§10).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from tulu.ops import masked_whiten
@@ -42,28 +44,33 @@ def whiten_advantages(
     """(A − mean)·rsqrt(var + eps) over the masked tokens, unbiased var, then 0 on padding.
 
     advantages, mask: (B, T) -> (B, T). mask is the policy mask (tokens 0..seq_len). The original
-    whitens over the RANK-LOCAL rollout batch (no all-reduce); callers that want a global whitening
-    must reduce the moments themselves.
+    whitens over the RANK-LOCAL rollout batch (no all-reduce); whiten_global whitens over all ranks.
     """
     whitened = masked_whiten(advantages, mask, shift_mean=shift_mean, eps=eps)  # (B, T)
     return torch.where(mask.bool(), whitened, 0.0)
 
 
-def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[Σ x, Σ x², count] over the masked positions, (3,) fp32: what ranks all-reduce to whiten
-    over the global batch instead of their own slice."""
-    m = mask.to(torch.float32)
-    x = x.to(torch.float32)
-    return torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])
+def whiten_global(
+    x: torch.Tensor, mask: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """(x − mean)·rsqrt(var + eps) over the masked positions of EVERY rank's x; 0 on padding.
 
-
-def whiten_from_moments(x: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean)·rsqrt(var + eps) with mean and unbiased var from (possibly all-reduced) moments;
-    0 on padding. Equals whiten_advantages when the moments are this batch's own."""
-    total, total_sq, n = moments.unbind()
+    Two passes, as the original's masked_var (shared reference §5.6): mean = Σx / n from all-reduced
+    [Σx, n], then var = Σ(x − mean)² / (n − 1) from a second all-reduce (unbiased, + eps). The
+    one-pass E[x²] − mean² cancels catastrophically when |mean| >> std (it can even go negative,
+    NaN from rsqrt); the sums run in float64 for the same reason. all_reduce: an in-place sum over
+    the ranks (tulu.dist.all_reduce); None = this rank's batch only. x, mask: (B, T) -> (B, T) in
+    x's dtype. The original whitened each rank's slice instead (README: deviations).
+    """
+    reduce = all_reduce or (lambda t: t)
+    m = mask.bool()
+    x64 = torch.where(m, x.to(torch.float64), 0.0)  # (B, T)
+    total, n = reduce(torch.stack([x64.sum(), m.sum().to(torch.float64)])).unbind()  # collective 1
     mean = total / n.clamp(min=1)
-    var = (total_sq / n.clamp(min=1) - mean * mean) * n / (n - 1).clamp(min=1)
-    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0)
+    sq = reduce(torch.where(m, (x64 - mean) ** 2, 0.0).sum().reshape(1))[0]  # collective 2
+    var = sq / (n - 1).clamp(min=1)
+    return torch.where(m, (x64 - mean) * torch.rsqrt(var + eps), 0.0).to(x.dtype)  # (B, T)
 
 
 def grpo_advantages(

@@ -81,7 +81,9 @@ def main() -> None:
         "rm": run_stage("rm.py", ["--model_name_or_path", str(d["sft"]), "--output_dir", str(d["rm"]),
                                   *fast.get("rm", [])], a.nproc, out / "rm.log"),
         "rlvr": run_stage("rlvr.py", ["--model_name_or_path", str(d["dpo"]), "--reward_model_path", str(d["rm"]),
-                                      "--output_dir", str(d["rlvr"]), *fast.get("rlvr", [])], a.nproc, out / "rlvr.log"),
+                                      "--output_dir", str(d["rlvr"]), "--local_rollout_batch_size", "16",
+                                      "--number_samples_per_prompt", "4",  # 4 tries per prompt: more signal on CPU
+                                      *fast.get("rlvr", [])], a.nproc, out / "rlvr.log"),
     }
     from tulu.evaluate import heldout_accuracy
     from tulu.tiny import tiny_dir
