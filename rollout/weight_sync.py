@@ -56,7 +56,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rollout.groups import LOOPBACK, close_group, listen_store, new_group, recv_obj, send_obj, wait_together
+from rollout.groups import (LOOPBACK, check_versions, close_group, listen_store, new_group, recv_obj, runtime_versions,
+                            send_obj, sync_backend, wait_together)
 
 ALIGN = 64  # byte alignment of every tensor in a bucket: any dtype can view it, NCCL likes it
 
@@ -103,15 +104,11 @@ class WeightSync:
         bf16 for vLLM (the original's full bf16 tensors, checklist 27), fp32 for the default CPU
         TorchEngine, so an fp32 engine gets the fp32 master weights bit for bit."""
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        # Default bucket: 1 MiB on gloo (fastest measured here, benchmarks/weight_sync.py: the engine loads
-        # bucket k while k+1 travels); 256 MiB on NCCL (not measured yet: no GPU was lent).
-        bucket_mb = bucket_mb if bucket_mb is not None else (1.0 if self.backend == "gloo" else 256.0)
-        self.bucket_bytes, self.dtype, self.timeout_s, self.log = int(bucket_mb * 2**20), dtype, timeout_s, log
+        self.dtype, self.timeout_s, self.log = dtype, timeout_s, log
         self.pool, self.pg, self.history = pool, None, []
         self._ring: list[torch.Tensor] = []  # rank 0's two reusable bucket buffers (see _bucket_buffer)
-        engine_dtype = self._connect(host, port) if self.rank == 0 else None
+        self.backend, self.device, self.bucket_bytes = None, torch.device("cpu"), 0  # rank 0 sets them
+        engine_dtype = self._connect(host, port, backend, bucket_mb) if self.rank == 0 else None
         if dtype is None:
             if dist.is_initialized() and dist.get_world_size() > 1:  # every rank casts its shard before the gather
                 box = [engine_dtype]
@@ -119,11 +116,19 @@ class WeightSync:
                 engine_dtype = box[0]
             self.dtype = getattr(torch, engine_dtype) if engine_dtype else None  # None: the params' own
 
-    def _connect(self, host: str, port: int) -> str | None:
-        """Rank 0: build the group with every engine worker; returns the dtype the engines hold."""
+    def _connect(self, host: str, port: int, backend: str | None, bucket_mb: float | None) -> str | None:
+        """Rank 0: check the engines can join (versions, devices), build the group with every engine
+        worker; returns the dtype the engines hold."""
         pool, timeout_s = self.pool, self.timeout_s
         if pool is None:
             raise ValueError("WeightSync on trainer rank 0 needs the EnginePool")
+        check_versions(runtime_versions(), [(e.name, e.runtime) for e in pool.engines])  # before any collective
+        self.backend = sync_backend(backend, torch.cuda.is_available(), {e.name: e.device for e in pool.engines})
+        if self.backend == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        # Default bucket: 1 MiB on gloo (fastest measured here, benchmarks/weight_sync.py: the engine loads
+        # bucket k while k+1 travels); 256 MiB on NCCL (not measured yet: no GPU was lent).
+        self.bucket_bytes = int((bucket_mb if bucket_mb is not None else (1.0 if self.backend == "gloo" else 256.0)) * 2**20)
         offsets, world = [], 1
         for engine in pool.engines:  # sync rank of engine i's first worker
             offsets.append(world)

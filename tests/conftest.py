@@ -15,17 +15,21 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def script_env() -> dict:
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)  # prepend
     env.pop("RANK", None)
     return env
 
 
-def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `script` under torchrun --standalone; fail the test with its output on error or timeout."""
+def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun --standalone (extra `env` variables on top of script_env()); fail
+    the test with its output on error or timeout."""
     cmd = TORCHRUN + ["--standalone", f"--nproc_per_node={nproc}", str(REPO / script), *args]
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=script_env() | (env or {}), capture_output=True, text=True,
+                              timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{script} timed out after {timeout}s\n{(e.stdout or b'')[-3000:]}\n{(e.stderr or b'')[-3000:]}")
     if proc.returncode != 0:

@@ -63,7 +63,8 @@ def test_seeded_sampling_is_reproducible(engine):
 
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 0.9), (1.3, 1.0), (0.0, 1.0)])
 def test_logprobs_equal_a_fresh_forward(engine, temperature, top_p):
-    sp = SamplingParams(n=2, temperature=temperature, top_p=top_p, max_tokens=20, seed=3, stop_token_ids=())
+    sp = SamplingParams(n=2 if temperature else 1, temperature=temperature, top_p=top_p, max_tokens=20, seed=3,
+                        stop_token_ids=())  # greedy gives one completion per prompt
     scale = temperature or 1.0  # greedy reports log-probs at temperature 1
     worst = 0.0
     for prompt, group in zip(PROMPTS, engine.generate(PROMPTS, sp)):
@@ -140,7 +141,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_pool_order_remote_attach_timeout_and_dead_engine(engine):
+def test_pool_order_remote_attach_timeout_and_dead_engine(engine, tmp_path):
     """One local engine + one attached via `python -m rollout.serve --connect`: results in prompt
     order and equal to the in-process engine; a timeout and a SIGKILLed engine raise, naming it."""
     from rollout.pool import EngineDied, EnginePool, EngineTimeout
@@ -150,13 +151,13 @@ def test_pool_order_remote_attach_timeout_and_dead_engine(engine):
     env.update(TULU_ROLLOUT_AUTHKEY=key.hex(), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     remote = subprocess.Popen([sys.executable, "-m", "rollout.serve", "--connect", f"127.0.0.1:{port}", "--name",
                                "remote-0", "--model", str(tiny_dir()), "--threads", "1", "--connect-timeout", "60"],
-                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=env, cwd=REPO, stdout=open(tmp_path / "remote.log", "w"), stderr=subprocess.STDOUT)
     pool = EnginePool.start(str(tiny_dir()), num_engines=1, remote_engines=1, port=port, authkey=key, threads=1,
                             start_timeout_s=90, timeout_s=60)
     try:
         assert [e.name for e in pool.engines] == ["engine-0", "remote-0"] and pool.versions == [0, 0]
         prompts = [PROMPTS[i % 4][: 2 + i % 5] + [30 + i] for i in range(7)]
-        sp = SamplingParams(n=2, temperature=0, max_tokens=10, stop_token_ids=())
+        sp = SamplingParams(n=2, temperature=0.7, max_tokens=10, seed=4, stop_token_ids=())
         assert [[c.token_ids for c in g] for g in pool.generate(prompts, sp)] == \
             [[c.token_ids for c in g] for g in engine.generate(prompts, sp)]
 
@@ -177,7 +178,7 @@ def test_pool_order_remote_attach_timeout_and_dead_engine(engine):
     finally:
         pool.shutdown(timeout_s=20)
         remote.wait(timeout=60)  # the attached engine exits once the pool closes its connection
-    assert remote.returncode == 0
+    assert remote.returncode == 0, (tmp_path / "remote.log").read_text()[-3000:]
 
 
 @pytest.mark.slow

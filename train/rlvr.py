@@ -105,6 +105,12 @@ class Args(LogArgs, PlanArgs):
     """Engine processes (each its own GPU(s), or a share of CPU threads)."""
     vllm_tensor_parallel_size: int = 1
     """GPUs per vLLM engine."""
+    vllm_gpu_memory_utilization: float = 0.9
+    """Fraction of each engine GPU's memory vLLM may take (weights + KV cache; vLLM's default)."""
+    vllm_kv_cache_gib: float | None = None
+    """vLLM KV cache size per engine (default: from vllm_gpu_memory_utilization on GPU; 1 GiB on CPU)."""
+    vllm_enforce_eager: bool = False
+    """Run vLLM without torch.compile / CUDA graphs (faster start, slower decoding; always on CPU here)."""
     async_mode: bool = True
     """Generate the next batch while training on this one (one step off-policy, as the original)."""
     engine_timeout_s: float = 3600.0
@@ -246,6 +252,11 @@ def main(args: Args) -> None:
     grad_accum = args.local_mini_batch_size // args.per_device_train_batch_size
     if args.algo == "grpo" and n < 2:
         raise ValueError("grpo needs --number_samples_per_prompt >= 2 (advantages are normalized within a group)")
+    try:  # the engines' limits, checked before anything starts
+        SamplingParams(n=n, temperature=args.temperature, max_tokens=args.response_length)
+        SamplingParams(n=1, temperature=args.eval_temperature, max_tokens=args.response_length)
+    except ValueError as e:
+        raise ValueError(f"--number_samples_per_prompt / --temperature / --eval_temperature / --response_length: {e}")
 
     # ---- data
     tokenizer = load_tokenizer(args.model_name_or_path, args.model_revision, args.chat_template)
@@ -303,8 +314,17 @@ def main(args: Args) -> None:
     # CPU engines get the cores the trainer ranks leave (at least one thread each): oversubscribed
     # torch threads spin-wait, measured here at 75x slower generation (25.7 s vs 0.34 s).
     threads = max(1, ((os.cpu_count() or 1) - d.world) // args.vllm_num_engines)
+    engine_args = []
+    if engine == "vllm":  # the original's engine: seed, max_model_len = prompt + response (vllm_utils2.py)
+        engine_args = ["--seed", str(args.seed), "--gpu-memory-utilization", str(args.vllm_gpu_memory_utilization)]
+        if args.max_prompt_token_length:
+            engine_args += ["--max-model-len", str(args.max_prompt_token_length + args.response_length)]
+        engine_args += ["--kv-cache-gib", str(args.vllm_kv_cache_gib)] if args.vllm_kv_cache_gib else []
+        # CPU: torch.compile of vLLM's model costs minutes on a few cores and buys little there
+        engine_args += ["--enforce-eager"] if args.vllm_enforce_eager or not torch.cuda.is_available() else []
     pool = EnginePool.start(args.model_name_or_path, args.vllm_num_engines, engine=engine, threads=threads,
-                            gpus_per_engine=args.vllm_tensor_parallel_size,
+                            gpus_per_engine=args.vllm_tensor_parallel_size, engine_args=engine_args,
+                            trainer_gpus=d.local_world if d.device.type == "cuda" else 0,
                             log_dir=f"{args.output_dir}/engine_logs",
                             timeout_s=args.engine_timeout_s) if d.is_main else None
     sync = WeightSync(pool, log=False)  # sends in the engines' dtype: bf16 to vLLM, fp32 to a CPU TorchEngine

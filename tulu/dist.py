@@ -26,6 +26,7 @@ class Dist:
     local_rank: int
     device: torch.device
     backend: str
+    local_world: int = 1  # ranks on this node (GPU placement of local rollout engines counts them)
 
     @property
     def is_main(self) -> bool:
@@ -57,7 +58,7 @@ def init_dist(timeout_s: int = 1800) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if device.type == "cuda" else None)
-    return Dist(rank, world, local_rank, device, backend)
+    return Dist(rank, world, local_rank, device, backend, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def is_node_leader() -> bool:
