@@ -251,8 +251,8 @@ def test_ppo_policy_loss_matches_loop_and_normalizers():
     num, den, clipfrac, akl = _ppo_ref(new.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2)
     loss, m = ppo_policy_loss(new, old, adv, mask, 0.2)
     assert loss.item() == pytest.approx(num / den, abs=1e-9)
-    assert m["policy/clipfrac"].item() == pytest.approx(clipfrac) and 0 < clipfrac < 1
-    assert m["policy/approxkl"].item() == pytest.approx(akl, abs=1e-9)
+    assert m["policy/clipfrac_avg"].item() == pytest.approx(clipfrac) and 0 < clipfrac < 1
+    assert m["policy/approxkl_avg"].item() == pytest.approx(akl, abs=1e-9)
     loss_g, _ = ppo_policy_loss(new, old, adv, mask, 0.2, loss_normalizer=100.0)
     assert loss_g.item() == pytest.approx(num / 100.0, abs=1e-9)
 
@@ -269,7 +269,7 @@ def test_ppo_ratio_one_equals_plain_policy_gradient():
     plain = -(adv * logp * mask).sum() / mask.sum()  # REINFORCE: −A·∇logp, token mean
     (g_pg,) = torch.autograd.grad(plain, logits)
     assert torch.allclose(g_ppo, g_pg, rtol=0, atol=1e-12)
-    assert m["val/ratio"].item() == 1.0 and m["policy/clipfrac"].item() == 0.0
+    assert m["val/ratio"].item() == 1.0 and m["policy/clipfrac_avg"].item() == 0.0
 
 
 def test_ppo_value_loss_matches_loop():
@@ -284,7 +284,7 @@ def test_ppo_value_loss_matches_loop():
                 l1, l2 = (vb - rb) ** 2, (vc - rb) ** 2
                 num, den, clip = num + 0.5 * max(l1, l2), den + 1, clip + (l2 > l1)
     assert loss.item() == pytest.approx(num / den, abs=1e-9)
-    assert m["val/clipfrac"].item() == pytest.approx(clip / den) and 0 < clip < den
+    assert m["val/clipfrac_avg"].item() == pytest.approx(clip / den) and 0 < clip < den
     assert ppo_value_loss(v, old, R, mask, 0.2, loss_normalizer=50)[0].item() == pytest.approx(num / 50, abs=1e-9)
 
 

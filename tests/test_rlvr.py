@@ -35,7 +35,7 @@ def test_rlvr_raises_heldout_correct_rate(sft_tiny, tmp_path, algo, async_mode):
     assert evals[-1] >= evals[0] + 0.025, evals
     logged = [m for m in read_metrics(out) if "objective/scores" in m]
     assert len(logged) == 100 and logged[-1]["episode"] == 12800
-    for key in ("objective/kl", "policy/clipfrac", "objective/verifiable_correct_rate", "time/overlap"):
+    for key in ("objective/kl", "policy/clipfrac_avg", "objective/verifiable_correct_rate", "time/overlap"):
         assert key in logged[-1], key
     if async_mode == "True":  # generation of the next batch ran beside scoring and training
         assert sum(m["time/overlap"] for m in logged) > 0
@@ -60,7 +60,7 @@ def test_two_rank_ppo_step_equals_single_process_step(sft_tiny, tmp_path):
     one = _short_run(sft_tiny, tmp_path / "w1", 1, 8, extra=["--total_episodes", "32"])[-1]
     two = _short_run(sft_tiny, tmp_path / "w2", 2, 4, extra=["--total_episodes", "32"])[-1]
     for key in ("objective/scores", "objective/verifiable_correct_rate", "policy/grad_norm", "value/grad_norm",
-                "loss/policy", "loss/value"):
+                "loss/policy_avg", "loss/value_avg"):
         assert abs(one[key] - two[key]) <= 1e-5 * max(1.0, abs(one[key])), (key, one[key], two[key])
     m1 = AutoModelForCausalLM.from_pretrained(tmp_path / "w1", dtype=torch.float32)
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "w2", dtype=torch.float32)
@@ -79,7 +79,7 @@ def test_resume_continues_episodes_and_data_order(sft_tiny, tmp_path):
     assert [m["step"] for m in resumed] == [4, 5, 6]
     for a, b in zip(full[3:], resumed):
         assert a["episode"] == b["episode"]
-        for key in ("objective/scores", "objective/kl", "policy/grad_norm", "loss/policy"):
+        for key in ("objective/scores", "objective/kl", "policy/grad_norm", "loss/policy_avg"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tulu.verifiers import VERIFIERS, strip_chat_prompt, verify, verify_batch
 from tulu.verifiers.gsm8k import gold_answer, last_number
-from tulu.verifiers.math_verifier import candidates, hendrycks_normalize, last_boxed, minerva_normalize
+from tulu.verifiers.math_verifier import assigned_value, candidates, hendrycks_normalize, last_boxed, minerva_normalize
 from tulu.verifiers.symbolic import SymbolicWorker
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -127,10 +127,37 @@ def test_candidates_flex_and_strict():
 
 def test_normalizers():
     assert hendrycks_normalize("\\dfrac12") == hendrycks_normalize("\\frac{1}{2}")
-    assert hendrycks_normalize("x = 5") == "5"
+    assert hendrycks_normalize("x = 5") == "x=5"  # never cut at "=" (that is assigned_value, for candidates)
     assert hendrycks_normalize("10\\%") == "10"
+    assert hendrycks_normalize("3\\text{ cm}^2") == "3" and hendrycks_normalize("5\\text{ or }7") != "5"
     assert minerva_normalize("5 \\text{ inches}") == "5"
-    assert minerva_normalize("1,000") == "1000"
+    assert minerva_normalize("1,000") == "1000" and minerva_normalize("1,2") == "1,2"
+    assert minerva_normalize("an octagon") == "octagon" and minerva_normalize("2a + 3") == "2a+3"
+    assert assigned_value("x = 5") == " 5" and assigned_value("a_1=3") == "3" and assigned_value("7") == "7"
+    assert assigned_value("9999+x=5") is None and assigned_value("x=3, y=5") is None and assigned_value("x=") is None
+
+
+@pytest.mark.parametrize("response,truth,expected", [
+    # an equation gold: right
+    ("\\boxed{x=5}", "x=5", 1.0), ("\\boxed{x = 5}", "x=5", 1.0), ("\\boxed{5}", "x=5", 1.0),
+    ("\\boxed{5x-7y+11z+4=0}", "5x - 7y + 11z + 4 = 0", 1.0),
+    # an equation gold: wrong, and the same right-hand side with another left-hand side
+    ("\\boxed{x=6}", "x=5", 0.0), ("\\boxed{9999+x=5}", "x=5", 0.0), ("\\boxed{y=5}", "x=5", 0.0),
+    ("\\boxed{2x+3y=0}", "5x - 7y + 11z + 4 = 0", 0.0), ("\\boxed{0}", "5x - 7y + 11z + 4 = 0", 0.0),
+    # a value gold: an assignment counts as its value, no other equation does
+    ("\\boxed{x = 5}", "5", 1.0), ("\\boxed{9999+x=5}", "5", 0.0), ("\\boxed{x=3, y=5}", "5", 0.0),
+    ("\\boxed{x+1=5}", "5", 0.0),
+    # the other normalization rules that merged different answers
+    ("\\boxed{1,2}", "12", 0.0), ("\\boxed{12}", "1,2", 0.0), ("\\boxed{1,000}", "1000", 1.0),
+    ("\\boxed{5\\text{ or }7}", "5", 0.0), ("\\boxed{3\\text{ cm}}", "3", 1.0),
+    ("Final Answer: The final answer is $5$ or $7$. I hope it is correct.", "5", 0.0),
+    # a list matches whole (the original's parse_latex read only its first item: "3" equalled "3, 5, 7")
+    ("\\boxed{3}", "3, 5, 7", 0.0), ("\\boxed{3, 5, 7}", "3, 5, 7", 1.0),
+])
+def test_math_accepts_no_wrong_answer(response, truth, expected):
+    """Each 0.0 here verified as right before (the gold cut at "=" like the candidate, and the
+    merging rules of the published normalizers; see tulu/verifiers/math_verifier.py)."""
+    assert verify("math", response, truth) == expected
 
 
 @pytest.mark.parametrize(
@@ -248,3 +275,22 @@ def test_math_reference_solutions_verify():
     for r in numeric:
         wrong = r["solution"].replace(f"\\boxed{{{r['answer']}}}", f"\\boxed{{{int(r['answer']) + 1}}}")
         assert verify("math", wrong, r["answer"]) == 0.0, r["unique_id"]
+
+
+@realdata
+@needs_data
+def test_math_rejects_wrong_answers_built_from_every_gold():
+    """Wrong answers that keep the gold's value in sight: another left-hand side for the same right
+    one, an equation ending in the gold, a hedge. 1,247 of these verified before this check."""
+    accepted = []
+    for r in _jsonl(DATA / "math500" / "dev.jsonl"):
+        gold = r["answer"]
+        if "=" in gold:
+            lhs, _, rhs = gold.rpartition("=")
+            wrong = [f"9999+{gold}", f"z+{lhs.strip()}+1={rhs}", f"{lhs}+1={rhs}"]
+        else:
+            wrong = [f"{gold}+1", f"9999+x={gold}", f"x=3, y={gold}", f"{gold}\\text{{ or }}9999", f"x+1={gold}"]
+        responses = [f"so \\boxed{{{w}}}" for w in wrong]
+        responses.append(f"Final Answer: The final answer is ${gold}$ or $9999$. I hope it is correct.")
+        accepted += [(r["unique_id"], x) for x in responses if verify("math", x, gold)]
+    assert accepted == [], accepted[:10]

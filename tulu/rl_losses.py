@@ -126,11 +126,11 @@ def _policy_metrics(new_logprobs, old_logprobs, ratio, clipped, pg_loss, mask) -
     with torch.no_grad():
         delta = torch.where(mask.bool(), new_logprobs - old_logprobs, 0.0)  # (B, T)
         return {
-            "policy/approxkl": 0.5 * masked_mean(delta.square(), mask),
-            "policy/clipfrac": masked_mean(clipped.float(), mask),
+            "policy/approxkl_avg": 0.5 * masked_mean(delta.square(), mask),
+            "policy/clipfrac_avg": masked_mean(clipped.float(), mask),
             "val/ratio": masked_mean(ratio, mask),
             "val/ratio_var": masked_var(ratio, mask),
-            "loss/policy": masked_mean(pg_loss, mask),
+            "loss/policy_avg": masked_mean(pg_loss, mask),
         }
 
 
@@ -174,8 +174,8 @@ def ppo_value_loss(
     loss = _reduce(per_token, mask, loss_normalizer)  # ()
     with torch.no_grad():
         metrics = {
-            "val/clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask),
-            "loss/value": masked_mean(per_token, mask),
+            "val/clipfrac_avg": masked_mean((vf_losses2 > vf_losses1).float(), mask),
+            "loss/value_avg": masked_mean(per_token, mask),
         }
     return loss, metrics
 

@@ -14,7 +14,19 @@ parse of up to a megabyte.
 Comparison, in order, per candidate: Hendrycks `strip_string` normalization of both
 sides equal; Minerva `normalize_final_answer` of both sides equal; else symbolic
 equivalence by math-verify in a worker process with a timeout (`symbolic.py`). The
-normalizers are our own implementations of the published rules.
+normalizers are our own implementations of the published rules, less the rules that make
+different answers equal (each was a wrong answer verified as right):
+- both cut at "=" (Hendrycks when the left side has at most 2 characters, Minerva always, at
+  the last "="). Applied to the gold too, `\boxed{9999+x=5}` verified against `x=5`, and
+  `\boxed{2x+3y=0}` against `5x - 7y + 11z + 4 = 0`; applied to the candidate alone, `x=3, y=5`
+  against `5`. Here the gold is never cut, and a candidate is cut only by `assigned_value`:
+  against a gold that is not an equation, `x = 5` counts as `5`, and any other equation as no
+  answer (math-verify would take `9999+x=5` for 5 too);
+- Hendrycks drops everything from the first `\text{ ` ("units on the right"): `5\text{ or }7`
+  verified against `5`. Here only a trailing `\text{ ...}` (optionally `^2`) is dropped;
+- Minerva keeps the first of several `$...$` (`$5$ or $7$` against `5`), drops every comma of a
+  number (`1,2` against `12`) and every "a "/"an " (`2a + 3` against `2+3`). Here several `$...$`
+  stay, only thousands separators go (`1,000`), and only the articles before a word.
 
 Bounds: the extraction is a few linear scans from the end of the response; a candidate
 or ground truth longer than `MAX_ANSWER_CHARS` is not an answer (score 0) and never
@@ -96,15 +108,13 @@ def hendrycks_normalize(s: str) -> str:
                      ("dfrac", "frac"), ("\\left", ""), ("\\right", ""),
                      ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", "")):
         s = s.replace(old, new)
-    s = s.split("\\text{ ")[0]  # units written as "\text{ cm}" on the right
+    s = re.sub(r"\\text\{ [^{}]*\}(\^\{?\d\}?)?$", "", s)  # units written as "\text{ cm}" on the right, only there
     s = s.replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
     if not s:
         return s
     if s[0] == ".":
         s = "0" + s
-    parts = s.split("=")
-    if len(parts) == 2 and len(parts[0]) <= 2:  # "x = 5" -> "5"
-        s = parts[1]
+    # (the published "x = 5" -> "5" rule is `assigned_value`, for candidates only)
     s = re.sub(r"\\sqrt([^{\\])", r"\\sqrt{\1}", s).replace(" ", "")
     s = _fix_fracs(s)
     if s == "0.5":
@@ -113,7 +123,7 @@ def hendrycks_normalize(s: str) -> str:
     return f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}" if m else s
 
 
-_MINERVA_SUBSTITUTIONS = (("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""),
+_MINERVA_SUBSTITUTIONS = ((".$", "$"), ("\\$", ""), ("\\ ", ""),
                           (" ", ""), ("mbox", "text"), (",\\text{and}", ","),
                           ("\\text{and}", ","), ("\\text{m}", "\\text{}"))
 _MINERVA_REMOVED = (
@@ -126,25 +136,44 @@ _MINERVA_REMOVED = (
 
 
 def minerva_normalize(s: str) -> str:
-    """Lewkowycz et al. 2022, App. D `normalize_final_answer`, rule by rule."""
-    s = s.split("=")[-1]
+    """Lewkowycz et al. 2022, App. D `normalize_final_answer`, rule by rule (less the merging
+    rules listed in the module docstring)."""
+    s = re.sub(r"(?<![\w\\])an? (?=[A-Za-z])", "", s)  # articles before a word ("a square")
     for old, new in _MINERVA_SUBSTITUTIONS:
         s = s.replace(old, new)
     for expr in _MINERVA_REMOVED:
         s = s.replace(expr, "")
-    s = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", r"$\3$", s)  # keep the first $...$ only
+    if s.count("$") == 2:
+        s = re.sub(r"(.*?)(\$)(.*?)(\$)(.*)", r"$\3$", s)  # the one $...$
     for cmd in ("text", "textbf", "overline", "boxed"):
         s = re.sub(r"(\\" + cmd + r"\{)(.*?)(\})", r"\2", s)
     s = re.sub(r"(frac)([^{])(.)", r"frac{\2}{\3}", s)
     s = re.sub(r"(sqrt)([^{])", r"sqrt{\2}", s)
     s = s.replace("$", "")
-    return s.replace(",", "") if s.replace(",", "").isdigit() else s
+    return s.replace(",", "") if re.fullmatch(r"\d{1,3}(,\d{3})+", s) else s  # 1,000 -> 1000; 1,2 stays
+
+
+_VARIABLE = re.compile(r"\s*[A-Za-z](_\{?[A-Za-z0-9]+\}?)?\s*")
+
+
+def assigned_value(s: str) -> str | None:
+    """A candidate's value: "x = 5" -> "5", "5" -> "5"; None for any other equation ("9999+x=5",
+    "x=3, y=5"), which is not a value."""
+    lhs, eq, rhs = s.partition("=")
+    if not eq:
+        return s
+    return rhs if "=" not in rhs and _VARIABLE.fullmatch(lhs.replace("$", "")) and rhs.strip() else None
 
 
 def answers_match(candidate: str, gold: str, symbolic: bool = True) -> bool:
-    """String equality after either normalization, else math-verify equivalence."""
+    """String equality after either normalization, else math-verify equivalence. The gold is
+    never cut at "="; against a gold that is not an equation, only `var = value` equations count."""
     if len(candidate) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return False
+    if "=" not in gold:
+        candidate = assigned_value(candidate)
+        if candidate is None:
+            return False
     h_cand = hendrycks_normalize(candidate)
     if h_cand and h_cand == hendrycks_normalize(gold):
         return True
