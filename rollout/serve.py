@@ -27,6 +27,23 @@ from multiprocessing.connection import Client
 from rollout.groups import runtime_versions
 
 
+def serve_args(engine: str, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
+               gpu_memory_utilization: float = 0.9, kv_cache_gib: float | None = None,
+               enforce_eager: bool = False) -> list[str]:
+    """The flags below for a local engine (the pool's engine_args). dtype auto|float32|bfloat16. vLLM
+    on CPU is always eager: torch.compile of its model costs minutes on a few cores, buys little."""
+    args = [] if dtype == "auto" else ["--dtype", {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+                                       if engine == "torch" else dtype]
+    if engine != "vllm":
+        return args
+    args += ["--seed", str(seed), "--gpu-memory-utilization", str(gpu_memory_utilization)]
+    args += ["--max-model-len", str(max_model_len)] if max_model_len else []
+    args += ["--kv-cache-gib", str(kv_cache_gib)] if kv_cache_gib else []
+    import torch
+
+    return args + (["--enforce-eager"] if enforce_eager or not torch.cuda.is_available() else [])
+
+
 def build_engine(args):
     if args.engine == "torch":
         from rollout.engine import TorchEngine

@@ -3,6 +3,7 @@ GRPO (sync) raise the held-out verifiable correct rate; a 2-rank step equals the
 resumed run continues the episode count and the data order; the trainer and the engines agree on
 the sampled tokens' log-probs after every weight sync."""
 import ast
+import math
 import shlex
 import shutil
 import subprocess
@@ -106,3 +107,30 @@ def test_grpo_with_one_sample_per_prompt_is_refused(tmp_path):
                            "--output_dir", str(tmp_path)], cwd=REPO, env=script_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0 and "grpo needs --number_samples_per_prompt >= 2" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_bf16_engine_is_corrected_for_and_its_logprobs_can_be_pi_old(sft_tiny, tmp_path):
+    """An injected mismatch: the engine samples with bf16 weights, the trainer scores in fp32.
+    --rollout_correction mis with a narrow band masks the tokens whose ratio leaves it (every step
+    some, never all); --use_vllm_logprobs takes the engine's log-probs as π_old (no gap left to
+    correct). The sync check runs every step (sync mode) with the bf16 tolerance."""
+    flags = ["--engine_dtype", "bfloat16", "--total_episodes", "192", "--local_rollout_batch_size", "32",
+             "--local_mini_batch_size", "32", "--num_evals", "0", "--async_mode", "False"]
+    masked = _logged(sft_tiny, tmp_path / "mis", flags + ["--rollout_correction", "mis",
+                                                         "--rollout_correction_band", "0.99", "1.01"])
+    for m in masked:
+        assert 0 < m["rollout_corr/corrected_frac"] < 0.5 and m["rollout_corr/kl_k3"] > 0, m
+        assert m["rollout_corr/ratio_max"] > 1.01 or m["rollout_corr/ratio_min"] < 0.99, m
+        assert m["debug/engine_logprob_diff"] > 1e-5 and 0 < m["debug/sync_check_gap"] < 0.1, m
+        assert all(math.isfinite(m[k]) for k in ("loss/policy_avg", "loss/value_avg", "policy/grad_norm"))
+    own = _logged(sft_tiny, tmp_path / "own", flags + ["--use_vllm_logprobs"])
+    for m in own:
+        assert m["debug/engine_logprob_diff"] == 0 and m["rollout_corr/ratio_mean"] == 1.0, m
+        assert all(math.isfinite(m[k]) for k in ("loss/policy_avg", "loss/value_avg", "policy/grad_norm"))
+
+
+def _logged(model, out, flags):
+    torchrun("train/rlvr.py", ["--model_name_or_path", str(model), "--output_dir", str(out), *flags], nproc=1,
+             timeout=600)
+    return [m for m in read_metrics(out) if "objective/scores" in m]

@@ -94,17 +94,19 @@ def test_sync_parity_two_fsdp_ranks_two_engines():
 @pytest.mark.parametrize("algo, async_mode, nproc", [("ppo", "False", 1), ("grpo", "True", 2)])
 def test_rlvr_trains_with_vllm_engines(sft_tiny, tmp_path, algo, async_mode, nproc):
     out, key = tmp_path / algo, secrets.token_hex(16)
-    group = ["--number_samples_per_prompt", "4", "--local_rollout_batch_size", "8", "--local_mini_batch_size", "32"] \
-        if algo == "grpo" else []
+    # GRPO: groups of 4; PPO (sync): a correction with a narrow band, which a matched engine never triggers
+    extra = ["--number_samples_per_prompt", "4", "--local_rollout_batch_size", "8", "--local_mini_batch_size", "32"] \
+        if algo == "grpo" else ["--rollout_correction", "mis", "--rollout_correction_band", "0.999", "1.001"]
     torchrun("train/rlvr.py", ["--engine", "vllm", "--model_name_or_path", str(sft_tiny), "--algo", algo,
                                "--async_mode", async_mode, "--total_episodes", "640", "--num_evals", "1",
-                               "--output_dir", str(out), *group], nproc=nproc, timeout=900,
+                               "--output_dir", str(out), *extra], nproc=nproc, timeout=900,
              env={"TULU_ROLLOUT_AUTHKEY": key})
     logged = [m for m in read_metrics(out) if "objective/scores" in m]
     assert [m["step"] for m in logged] == list(range(1, 11)) and logged[-1]["episode"] == 640
     diffs = [m["debug/engine_logprob_diff"] for m in logged]
     if async_mode == "False":  # the engine samples with exactly the trainer's weights, every step
         assert max(diffs) <= 1e-3, diffs
+        assert all(m["rollout_corr/corrected_frac"] == 0 and m["debug/sync_check_gap"] <= 1e-5 for m in logged)
     else:  # step 1 comes from the initial weights (= the trainer's); later ones one version behind
         assert diffs[0] <= 1e-3 and min(diffs[1:]) > diffs[0], diffs
         assert sum(m["time/overlap"] for m in logged) > 0

@@ -53,6 +53,10 @@ def check_parity(res: dict, tol: float) -> None:
     assert set(res["versions_async"]) <= {3, 4}  # generation during a push: whole completions per version
     for k in ("sync1", "sync2", "sync3", "sync4"):
         assert {"gather_s", "broadcast_s", "load_s", "total_s"} <= res[k].keys()
+    # the sync check: quiet after a sync, a named error (every engine, the step) after a missed one
+    assert res["sync_check_gap"] <= max(tol, 1e-6) and res["sync_check_stale_gap"] > 1e-3, res
+    error = res["sync_check_error"]
+    assert error and "step 5" in error and all(f"engine-{i}" in error for i in range(res["engines"])), error
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from rollout.engine import SamplingParams
 from rollout.pool import EnginePool
+from rollout.serve import serve_args
 from rollout.groups import wait_together
 from rollout.weight_sync import WeightSync
 from tulu.advantages import gae, grpo_advantages, whiten_global
@@ -50,9 +51,11 @@ from tulu.ops import masked_whiten
 from tulu.optim import build_optimizer, build_scheduler
 from tulu.resume import StopRequest, find_resume_point, load_checkpoint, restore_scheduler, save_checkpoint
 from tulu.reward import score_head_init
-from tulu.rl_losses import grpo_policy_loss, kl_penalty, ppo_policy_loss, ppo_rewards, ppo_value_loss, rlvr_scores
-from tulu.rollouts import (build_prompt_data, generate, held_out_correct_rate, response_logprobs, response_values,
-                           rollout_batch, sequence_scores)
+from tulu.rl_losses import (grpo_policy_loss, kl_penalty, ppo_policy_loss, ppo_rewards, ppo_value_loss, rlvr_scores,
+                            rollout_metrics)
+from tulu.rollout_correction import rollout_correction
+from tulu.rollouts import (INVALID_LOGPROB, build_prompt_data, check_engines_in_sync, engine_sync_gaps, generate,
+                           held_out_correct_rate, response_logprobs, response_values, rollout_batch, sequence_scores)
 from tulu.verifiers import verify_batch
 
 
@@ -111,6 +114,15 @@ class Args(LogArgs, PlanArgs):
     """vLLM KV cache size per engine (default: from vllm_gpu_memory_utilization on GPU; 1 GiB on CPU)."""
     vllm_enforce_eager: bool = False
     """Run vLLM without torch.compile / CUDA graphs (faster start, slower decoding; always on CPU here)."""
+    engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights the engines sample with (auto: bf16 for vLLM on GPU, fp32 on CPU); they are sent in it."""
+    sync_check_steps: int | None = None
+    """Every N steps, after the weight sync, every engine samples a fixed probe batch that the trainer
+    scores; a gap above sync_check_tol stops the run naming the engine. Default: every step in sync
+    mode, off in async mode; 0: off."""
+    sync_check_tol: float | None = None
+    """Mean |Δ log p| per probe token allowed (default 1e-3 for fp32 engines, 0.1 for bf16 ones:
+    bf16 kernels alone differ by ~1e-2, so there only a garbled or skipped sync of a moving model shows)."""
     async_mode: bool = True
     """Generate the next batch while training on this one (one step off-policy, as the original)."""
     engine_timeout_s: float = 3600.0
@@ -158,6 +170,17 @@ class Args(LogArgs, PlanArgs):
     """Whiten the per-token rewards (mean kept) before GAE."""
     grpo_loss_normalization: Literal["token", "sequence"] = "token"
     """GRPO: mean over the micro-batch's tokens, or per-sequence means (see Dr. GRPO, Liu et al. 2025)."""
+    rollout_correction: Literal["none", "tis", "mis", "icepop"] = "none"
+    """Importance weights for the engine's samples (tulu/rollout_correction.py): none (Tulu 3), tis
+    (truncated, Yao et al. 2025), mis (masked: out-of-band tokens leave the loss), icepop (Ling team 2025)."""
+    rollout_correction_level: Literal["token", "sequence"] = "token"
+    """Per-token ratios, or each response's product of them on all its tokens."""
+    rollout_correction_cap: float = 2.0
+    """tis: the weight min(ρ, cap) (open-instruct's rho correction clamps at 2)."""
+    rollout_correction_band: tuple[float, float] = (0.5, 2.0)
+    """mis / icepop: tokens whose ratio π_old/π_engine is outside [low, high] are masked."""
+    use_vllm_logprobs: bool = False
+    """Use the engine's log-probs as π_old instead of recomputing them (one forward fewer per step)."""
     # --- optimization
     learning_rate: float = 3e-4
     """AdamW learning rate of the policy and the value model (tiny demo; Tulu 3 8B: 3e-7)."""
@@ -252,6 +275,9 @@ def main(args: Args) -> None:
     grad_accum = args.local_mini_batch_size // args.per_device_train_batch_size
     if args.algo == "grpo" and n < 2:
         raise ValueError("grpo needs --number_samples_per_prompt >= 2 (advantages are normalized within a group)")
+    if args.use_vllm_logprobs and args.rollout_correction != "none":
+        raise ValueError("--rollout_correction needs the trainer's own π_old: with --use_vllm_logprobs the PPO "
+                         "ratio is already taken against the engine's log-probs")
     try:  # the engines' limits, checked before anything starts
         SamplingParams(n=n, temperature=args.temperature, max_tokens=args.response_length)
         SamplingParams(n=1, temperature=args.eval_temperature, max_tokens=args.response_length)
@@ -314,14 +340,10 @@ def main(args: Args) -> None:
     # CPU engines get the cores the trainer ranks leave (at least one thread each): oversubscribed
     # torch threads spin-wait, measured here at 75x slower generation (25.7 s vs 0.34 s).
     threads = max(1, ((os.cpu_count() or 1) - d.world) // args.vllm_num_engines)
-    engine_args = []
-    if engine == "vllm":  # the original's engine: seed, max_model_len = prompt + response (vllm_utils2.py)
-        engine_args = ["--seed", str(args.seed), "--gpu-memory-utilization", str(args.vllm_gpu_memory_utilization)]
-        if args.max_prompt_token_length:
-            engine_args += ["--max-model-len", str(args.max_prompt_token_length + args.response_length)]
-        engine_args += ["--kv-cache-gib", str(args.vllm_kv_cache_gib)] if args.vllm_kv_cache_gib else []
-        # CPU: torch.compile of vLLM's model costs minutes on a few cores and buys little there
-        engine_args += ["--enforce-eager"] if args.vllm_enforce_eager or not torch.cuda.is_available() else []
+    # vLLM as the original's: seed, max_model_len = prompt + response (vllm_utils2.py)
+    engine_args = serve_args(engine, args.engine_dtype, args.seed, args.max_prompt_token_length and
+                             args.max_prompt_token_length + args.response_length, args.vllm_gpu_memory_utilization,
+                             args.vllm_kv_cache_gib, args.vllm_enforce_eager)
     pool = EnginePool.start(args.model_name_or_path, args.vllm_num_engines, engine=engine, threads=threads,
                             gpus_per_engine=args.vllm_tensor_parallel_size, engine_args=engine_args,
                             trainer_gpus=d.local_world if d.device.type == "cuda" else 0,
@@ -329,6 +351,11 @@ def main(args: Args) -> None:
                             timeout_s=args.engine_timeout_s) if d.is_main else None
     sync = WeightSync(pool, log=False)  # sends in the engines' dtype: bf16 to vLLM, fp32 to a CPU TorchEngine
     sync.push(policy, version=start_step)
+    check_every = args.sync_check_steps if args.sync_check_steps is not None else (0 if args.async_mode else 1)
+    check_tol = args.sync_check_tol or (1e-3 if sync.dtype in (None, torch.float32) else 0.1)
+    probe = [data.ds[i]["input_ids"] for i in range(min(4, len(data)))]  # a fixed batch, every check
+    probe_params = SamplingParams(n=1, temperature=args.temperature, max_tokens=min(16, args.response_length),
+                                  stop_token_ids=stop_ids, stop_at_eos=True, seed=args.seed)
     metrics = Metrics(args.output_dir, d.is_main, d.device, start_tracker(args, dataclasses.asdict(args)))
     print0(f"[rlvr] {args.algo}: {len(data)} prompts, {total_steps} steps of {rollout_batch_size} prompts x {n} "
            f"samples, {num_mini_batches} minibatch(es) x {grad_accum} micro-batches x {args.num_epochs} epoch(s), "
@@ -385,7 +412,9 @@ def main(args: Args) -> None:
         t_score = time.perf_counter()
         with torch.no_grad():
             chunks = [slice(i, i + args.local_rollout_forward_batch_size) for i in range(0, B, args.local_rollout_forward_batch_size)]
-            old_lp = torch.cat([response_logprobs(policy, batch, c, d.device, args.temperature) for c in chunks])  # (B, R)
+            engine_lp = engine_lp.to(d.device).masked_fill(~resp_mask, INVALID_LOGPROB)  # (B, R)
+            old_lp = engine_lp if args.use_vllm_logprobs else torch.cat(
+                [response_logprobs(policy, batch, c, d.device, args.temperature) for c in chunks])  # (B, R)
             ref_lp = torch.cat([response_logprobs(ref, batch, c, d.device, args.temperature) for c in chunks]) if ref is not None else old_lp
             old_values = torch.cat([response_values(value, batch, c, d.device) for c in chunks]) if value is not None else None
             rm = torch.cat([sequence_scores(reward_model, batch, c, d.device) for c in chunks]) if reward_model is not None else None
@@ -402,6 +431,11 @@ def main(args: Args) -> None:
                              args.verification_reward, args.non_stop_penalty, args.penalty_reward_value,
                              args.min_response_length)  # (B,)
         kl = kl_penalty(old_lp, ref_lp, kl_estimator).masked_fill(~resp_mask, 0.0)  # (B, R)
+        # Off-policy correction for the engine's samples: weights on the surrogate, and the loss mask
+        # (mis drops out-of-band tokens from the loss and its token count).
+        is_weights, loss_mask, corr = rollout_correction(old_lp, engine_lp, resp_mask, args.rollout_correction,
+                                                         args.rollout_correction_level, args.rollout_correction_cap,
+                                                         args.rollout_correction_band)  # (B, R), (B, R)
 
         # ---- 3. advantages
         if args.algo == "ppo":
@@ -429,11 +463,12 @@ def main(args: Args) -> None:
                 for micro in mb.split(args.per_device_train_batch_size):
                     new_lp = response_logprobs(policy, batch, micro, d.device, args.temperature)  # (b, R)
                     if args.algo == "ppo":
-                        pg_loss, pm = ppo_policy_loss(new_lp, old_lp[micro], advantages[micro], resp_mask[micro], args.cliprange)
+                        pg_loss, pm = ppo_policy_loss(new_lp, old_lp[micro], advantages[micro], loss_mask[micro],
+                                                      args.cliprange, token_weights=is_weights[micro])
                     else:
                         pg_loss, pm = grpo_policy_loss(new_lp, old_lp[micro], ref_lp[micro], advantages[micro],
-                                                       resp_mask[micro], args.cliprange, args.beta, kl_estimator,
-                                                       args.grpo_loss_normalization)
+                                                       loss_mask[micro], args.cliprange, args.beta, kl_estimator,
+                                                       args.grpo_loss_normalization, token_weights=is_weights[micro])
                     (pg_loss / grad_accum).backward()  # per-micro-batch token mean, averaged (as the original)
                     for k, v in pm.items():
                         metrics.add(k, v)
@@ -456,21 +491,18 @@ def main(args: Args) -> None:
         # every rank in short polls, so it may outlast any collective timeout; see rollout/weight_sync.py)
         t_sync = time.perf_counter()
         sync.push(policy, version=step + 1)
+        if check_every and (step + 1) % check_every == 0:  # the engines now hold the trainer's weights
+            gaps = engine_sync_gaps(pool, d.is_main, policy, probe, probe_params, tokenizer.pad_token_id, d.device,
+                                    args.temperature)
+            check_engines_in_sync(gaps, check_tol, step + 1)  # raises, naming the engines, the gap and the step
+            metrics.add("debug/sync_check_gap", max(gaps.values()))
         t_sync = time.perf_counter() - t_sync
 
         # ---- 6. metrics, eval, checkpoint
         stop_flag = all_reduce(torch.tensor(float(stop.requested), device=d.device))
-        # Trainer vs engine log-probs of the sampled tokens: ~0 in sync mode (same weights; fp noise),
-        # one policy version apart in async mode. A large value in sync mode means a broken sync.
-        metrics.add("debug/engine_logprob_diff", ((old_lp - engine_lp.to(d.device)).abs() * resp_mask).sum() / resp_mask.sum())
-        metrics.add("objective/kl", kl.sum(1).mean())
-        metrics.add("objective/scores", scores.mean())
-        metrics.add("objective/verifiable_correct_rate", (verified > 0).float().mean())
-        metrics.add("objective/non_score_reward", non_score.mean())
-        metrics.add("objective/rlhf_reward", (scores + non_score).mean())
-        metrics.add("objective/entropy", (-old_lp * resp_mask).sum(1).mean())  # sampled-NLL proxy, as the original
-        metrics.add("val/sequence_lengths", (seq_lens + 1).float().mean())
-        metrics.add("val/stop_token_rate", (responses_t == stop_id).any(1).float().mean())
+        for k, v in (rollout_metrics(old_lp, engine_lp, resp_mask, kl, scores, verified, non_score, seq_lens,
+                                     responses_t == stop_id) | corr).items():
+            metrics.add(k, v)
         step_s = time.perf_counter() - t_step
         extra = {"episode": (step + 1) * rollout_batch_size * n, "lr": schedulers["policy"].get_last_lr()[0],
                  "time/step": step_s, "time/generation": gen_s, "time/wait_for_generation": t_wait,

@@ -141,13 +141,18 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     cliprange: float,
     loss_normalizer: float | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped policy loss, Tulu 3 RLVR (shared reference §5.7): no KL term (it is in the rewards).
 
     new_logprobs (B, T) carries the gradient; old_logprobs, advantages (B, T) are constants from the
-    rollout; mask (B, T) = tokens 0..seq_len. Normalization: see the module docstring.
+    rollout; mask (B, T) = tokens 0..seq_len. token_weights (B, T): rollout-correction importance
+    weights (tulu/rollout_correction.py) on each token's surrogate; None = 1. Normalization: see
+    the module docstring.
     """
     pg_loss, ratio, clipped = _clipped_surrogate(new_logprobs, old_logprobs.detach(), advantages.detach(), mask, cliprange)
+    if token_weights is not None:
+        pg_loss = pg_loss * token_weights.detach()  # (B, T)
     loss = _reduce(pg_loss, mask, loss_normalizer)  # ()
     return loss, _policy_metrics(new_logprobs, old_logprobs, ratio, clipped, pg_loss, mask)
 
@@ -191,6 +196,7 @@ def grpo_policy_loss(
     kl_estimator: str = "kl3",
     normalization: str = "token",
     loss_normalizer: float | torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO policy loss (Shao et al. 2024, DeepSeekMath eq. 3; open-instruct grpo_vllm_thread_ray_gtrl).
 
@@ -200,10 +206,13 @@ def grpo_policy_loss(
     normalization "token": Σ over valid tokens / (this call's token count, or loss_normalizer);
     "sequence": each sequence's token mean, then Σ over sequences / (B, or loss_normalizer = the
     step's global sequence count). "sequence" is the paper's 1/|o_i| form that Dr. GRPO criticizes.
+    token_weights (B, T): rollout-correction weights on the surrogate (not on the KL term).
     """
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(new_logprobs)  # (B, T)
     pg_loss, ratio, clipped = _clipped_surrogate(new_logprobs, old_logprobs.detach(), advantages.detach(), mask, cliprange)
+    if token_weights is not None:
+        pg_loss = pg_loss * token_weights.detach()  # (B, T)
     kl = kl_penalty(new_logprobs, ref_logprobs.detach(), kl_estimator, log_ratio_clamp=40.0)  # (B, T)
     per_token = pg_loss + beta * kl  # (B, T)
     if normalization == "token":
@@ -217,3 +226,23 @@ def grpo_policy_loss(
     metrics["objective/kl"] = masked_mean(kl.detach(), mask)
     metrics["loss/total"] = loss.detach()
     return loss, metrics
+
+
+def rollout_metrics(old_logprobs, engine_logprobs, mask, kl, scores, verified, non_score, seq_lens,
+                    is_stop) -> dict[str, torch.Tensor]:
+    """A rollout batch's objective/* and val/* metrics, named as the original logs them (shared reference
+    §5.8), and debug/engine_logprob_diff: the trainer's vs the engine's log-probs of the sampled tokens,
+    ~0 in sync mode (same weights: fp noise), one version apart in async mode; large in sync mode =
+    a broken sync. (B, T) tensors but scores, verified, non_score, seq_lens (B,); is_stop (B, T) bool."""
+    with torch.no_grad():
+        return {
+            "debug/engine_logprob_diff": masked_mean((old_logprobs - engine_logprobs).abs(), mask),
+            "objective/kl": kl.sum(1).mean(),
+            "objective/scores": scores.mean(),
+            "objective/verifiable_correct_rate": (verified > 0).float().mean(),
+            "objective/non_score_reward": non_score.mean(),
+            "objective/rlhf_reward": (scores + non_score).mean(),
+            "objective/entropy": (-old_logprobs * mask).sum(1).mean(),  # a sampled-NLL proxy, as the original
+            "val/sequence_lengths": (seq_lens + 1).float().mean(),
+            "val/stop_token_rate": is_stop.any(1).float().mean(),
+        }

@@ -8,7 +8,8 @@ Checks, in one launch: engines that loaded the checkpoint are stale after a trai
 check can fail); after a push their sampled tokens' log-probs equal the trainer's (fp32, ≤ tol) and
 their version equals the trainer's step; after another step and push the log-probs move and match
 again; the per-parameter path gives the same parity; a push while a background thread generates (async
-mode) neither deadlocks nor mixes versions within a completion. Prints one JSON line and ROLLOUT_SYNC_OK.
+mode) neither deadlocks nor mixes versions within a completion; train/rlvr.py's sync check passes
+after a sync and names every engine once they miss one. Prints one JSON line and ROLLOUT_SYNC_OK.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tulu.dist import broadcast_object, init_dist, print0, shutdown
 from tulu.model import build_model
 from tulu.ops import logprobs_from_logits
 from tulu.optim import build_optimizer
+from tulu.rollouts import EngineOutOfSync, check_engines_in_sync, engine_sync_gaps
 from tulu.tiny import TINY_NAME, tiny_dir
 
 
@@ -119,6 +121,21 @@ def main() -> None:
         assert set(res["versions_async"]) <= {3, 4} and pool.versions == [4] * args.engines, (res, pool.versions)
     generate_and_score("v4")
     assert res["diff_v4"] <= args.tol and res["versions_v4"] == [4], res
+
+    # train/rlvr.py's sync check (a fixed probe, every engine on its own): quiet after a sync, and
+    # a named error once the engines miss one.
+    probe_params = SamplingParams(n=1, temperature=0.8, max_tokens=8, seed=3, stop_token_ids=())
+    gaps = engine_sync_gaps(pool, d.is_main, model, prompts[:3], probe_params, 0, d.device, 0.8)
+    check_engines_in_sync(gaps, 1e-3, 4)
+    res["sync_check_gap"] = max(gaps.values())
+    train_step(model, opt, 4, d.device)  # ...and no push: every engine is now stale
+    stale = engine_sync_gaps(pool, d.is_main, model, prompts[:3], probe_params, 0, d.device, 0.8)
+    try:
+        check_engines_in_sync(stale, 1e-3, 5)
+        res["sync_check_error"] = None
+    except EngineOutOfSync as e:
+        res["sync_check_error"] = str(e)
+    res["sync_check_stale_gap"] = min(stale.values())
 
     sync.close()
     if d.is_main:
