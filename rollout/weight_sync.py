@@ -147,8 +147,9 @@ class WeightSync:
 
     def push(self, model: torch.nn.Module, version: int, per_param: bool = False) -> dict:
         """Send every parameter of `model` (FSDP-sharded or plain) to every engine; collective."""
-        if hasattr(model, "reshard"):
-            model.reshard()  # the FSDP root keeps plain unsharded params after a no_grad forward
+        from tulu.fsdp import reshard
+
+        reshard(model)  # a no-grad forward leaves FSDP units with plain unsharded params
         named = list(model.named_parameters())
         specs = [(n, self.dtype or p.dtype, tuple(p.shape)) for n, p in named]
         slots, sizes = plan_buckets(specs, 1 if per_param else self.bucket_bytes)

@@ -93,7 +93,8 @@ def test_simulation_under_an_initialized_group_runs_in_a_subprocess():
 
 def test_frozen_models_hold_compute_dtype_shards_with_the_same_outputs(tmp_path):
     """DPO's live reference and RLVR's reference / reward model: bf16 shards (half of fp32), the same
-    logits as the fp32-stored build with bf16 compute (bitwise), no grads; the simulation agrees."""
+    logits as the fp32-stored build with bf16 compute (bitwise), no grads; the simulation agrees.
+    And every unit is resharded after a no-grad forward (tulu.fsdp.reshard)."""
     from tulu.plan import model_config
 
     out = tmp_path / "f"
@@ -110,3 +111,9 @@ def test_frozen_models_hold_compute_dtype_shards_with_the_same_outputs(tmp_path)
         assert got["frozen_bytes"] * 2 == got["trainable_bytes"], got
         plan = simulate_model_state(config, 2, "bf16", rank=rank, frozen=True)
         assert plan.param_bytes == got["frozen_bytes"] and plan.grad_bytes == plan.optim_bytes == 0, (plan, got)
+        # A no-grad forward leaves the untied lm_head (its own unit, reshard_after_forward=False)
+        # gathered; the root's reshard() misses it, tulu.fsdp.reshard does not, and a checkpoint
+        # written then holds this rank's rows only, and the next backward runs (it failed before:
+        # "Trying to resize storage that is not resizable" after a checkpoint had read the full tensor).
+        assert got["plain_after_root_reshard"] == ["lm_head.weight"], got
+        assert got["plain_after_reshard"] == [] and got["checkpoint_rows_are_local"] and got["backward_ran"], got

@@ -41,7 +41,7 @@ from tulu.checkpoint import export_hf
 from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
 from tulu.data import epoch_permutation, rank_microbatches, step_samples
 from tulu.dist import all_reduce, entrypoint, init_dist, print0, shutdown
-from tulu.fsdp import resolve_compute_dtype
+from tulu.fsdp import reshard, resolve_compute_dtype
 from tulu.losses import DPO_LOSSES
 from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
@@ -149,9 +149,9 @@ def main(args: Args) -> None:
                     compute_dtype=compute_dtype, cpu_offload=args.cpu_offload,
                     reshard_after_forward=args.reshard_after_forward, seed=args.seed)
     model = build_model(args.model_name_or_path, d.device, gradient_checkpointing=args.gradient_checkpointing, **model_kw)
-    # Before any forward: a no-grad forward swaps the FSDP root's lm_head Parameter for an unsharded one
-    # that reshard() does not swap back (measured, torch 2.13); an optimizer built then would hold that
-    # stale object and never update lm_head. The next grad forward restores the original objects.
+    # Before any forward: a no-grad forward swaps the lm_head unit's Parameter for an unsharded one that
+    # the root's reshard() does not swap back (measured, torch 2.13; tulu.fsdp.reshard does); an optimizer
+    # built then would hold that stale object and never update lm_head.
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
 
     # ---- the reference: a cache scored by the initial policy itself, a live frozen copy, or nothing (simpo)
@@ -182,7 +182,7 @@ def main(args: Args) -> None:
             return None
         with torch.no_grad():
             out = pair_logps(reference, batch, d.device, flash)
-        reference.reshard()  # a no-grad forward leaves the FSDP root unsharded (cpu_environment.md §2)
+        reshard(reference)  # a no-grad forward leaves FSDP units unsharded (cpu_environment.md §2)
         return out
 
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * d.world

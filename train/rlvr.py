@@ -43,7 +43,7 @@ from tulu.checkpoint import export_hf
 from tulu.config import LogArgs, PlanArgs, cli
 from tulu.data import epoch_permutation, step_samples
 from tulu.dist import all_reduce, broadcast_object, entrypoint, init_dist, print0, shutdown
-from tulu.fsdp import resolve_compute_dtype
+from tulu.fsdp import reshard, resolve_compute_dtype
 from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
@@ -420,7 +420,7 @@ def main(args: Args) -> None:
             rm = torch.cat([sequence_scores(reward_model, batch, c, d.device) for c in chunks]) if reward_model is not None else None
         for m in (policy, ref, value, reward_model):
             if m is not None:
-                m.reshard()  # the FSDP root keeps its params gathered after a no-grad forward
+                reshard(m)  # a no-grad forward leaves FSDP units (root, lm_head) gathered
         texts = tokenizer.batch_decode([r[:R] for r in responses], skip_special_tokens=True)
         sources = [r["source"] for r in rows for _ in range(n)]
         truths = [r["ground_truth"] for r in rows for _ in range(n)]

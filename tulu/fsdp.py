@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -69,3 +69,16 @@ def apply_fsdp(
     # The root holds what is left (final norm; tied embeddings; a reward head).
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
     return model
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP unit of `model` back in shards; a no-op for a plain module.
+
+    A forward with no backward after it leaves the units that keep their parameters gathered
+    after forward (the root; an untied lm_head, reshard_after_forward=False above) unsharded, with
+    their registered Parameters swapped for plain full tensors. `model.reshard()` covers the root
+    only; a checkpoint or weight sync read then would see the full lm_head (measured: the next
+    backward then failed to free it, "Trying to resize storage that is not resizable")."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

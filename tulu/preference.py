@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tulu.chat import IGNORE_INDEX, DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import all_reduce, barrier, print0
+from tulu.fsdp import reshard
 from tulu.ops import logprobs_from_logits, sequence_logps
 from tulu.packing import model_inputs, pack, pad
 
@@ -193,8 +194,7 @@ def reference_cache(model, data: TokenizedData, cache_dir: str | Path, key: dict
             if mb:
                 idx += mb
                 rows.append(torch.stack([out[k] for k in LOGP_KEYS], 1).cpu())
-        if hasattr(model, "reshard"):
-            model.reshard()  # a no-grad forward leaves the FSDP root unsharded (cpu_environment.md §2)
+        reshard(model)  # a no-grad forward leaves FSDP units unsharded (cpu_environment.md §2)
         model.train(was_training)
         values = torch.cat(rows) if rows else torch.zeros(0, 4)
         save_file({"index": torch.tensor(idx, dtype=torch.int64), "logps": values.contiguous()},
@@ -249,8 +249,7 @@ def evaluate(model, data: TokenizedData, reference_fn, loss_kw: dict, rank: int,
         _, m = pair_loss(policy=pair_logps(model, batch, device, flash), reference=reference_fn(mb, batch), **loss_kw)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v.float() * len(mb)
-    if hasattr(model, "reshard"):
-        model.reshard()
+    reshard(model)
     model.train(was_training)
     names = sorted(sums)
     values = all_reduce(torch.stack([sums[k] for k in names]).to(device)) / len(data)  # (M,)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from tulu.dist import barrier, print0
+from tulu.fsdp import reshard
 from tulu.model import _local_rows
 from tulu.tensorfile import TensorFile, save_tensors
 
@@ -65,6 +66,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, modules: dict, tra
         tmp.mkdir(parents=True)
     barrier()
     for prefix, (model, optimizer) in modules.items():
+        reshard(model)  # every rank writes its shard rows, never a gathered full tensor
         tensors, meta = {}, {}
         for name, t in _named_state(model, optimizer):
             local, row0 = _local_rows(t)

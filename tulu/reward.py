@@ -19,6 +19,7 @@ import torch
 from tulu.chat import DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import all_reduce
+from tulu.fsdp import reshard
 from tulu.losses import bradley_terry_loss
 from tulu.packing import model_inputs, pack, pad
 
@@ -187,8 +188,7 @@ def evaluate(model: torch.nn.Module, data: TokenizedData, pad_id: int, d, per_de
         s = sequence_scores(model, collate_pairs(data.rows(idx), pad_id, packing), d.device, flash)  # (2n,)
         if idx:
             scores[idx] = torch.stack([s[:len(idx)], s[len(idx):]], dim=1)
-    if hasattr(model, "reshard"):  # no backward follows: put the root's gathered parameters back in shards
-        model.reshard()
+    reshard(model)  # no backward follows: put the gathered parameters back in shards
     scores = all_reduce(scores)  # each pair was filled by exactly one rank
     _, m = bradley_terry_loss(scores[:, 0], scores[:, 1])
     return {k: v.item() for k, v in m.items()}, scores.cpu()

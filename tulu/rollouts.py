@@ -13,6 +13,7 @@ import torch
 from tulu.chat import DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import broadcast_object
+from tulu.fsdp import reshard
 from tulu.ops import logprobs_from_logits
 from tulu.verifiers import check_ground_truth, verify_batch
 
@@ -171,11 +172,11 @@ def engine_sync_gaps(pool, is_main: bool, model, prompts: list[list[int]], param
         for b, g in enumerate(groups):
             engine[b, :len(g[0][1])] = torch.tensor(g[0][1][:params.max_tokens])
         batch = rollout_batch(prompts, responses, pad_id, params.max_tokens)
-        mine = response_logprobs(model, batch, slice(None), device, temperature).cpu()  # (B, R)
+        with torch.no_grad():  # a graph left behind here would hold FSDP's unsharded params into the next step
+            mine = response_logprobs(model, batch, slice(None), device, temperature).cpu()  # (B, R)
         mask = batch["response_mask"]
         gaps[name] = float(((mine - engine).abs() * mask).sum() / mask.sum().clamp(min=1))
-    if hasattr(model, "reshard"):
-        model.reshard()
+    reshard(model)
     return gaps
 
 

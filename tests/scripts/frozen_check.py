@@ -5,6 +5,10 @@
 Both are built from the embedded tiny model with bf16 compute; each rank writes OUT.rank<R>.json
 with whether their no-grad logits are bitwise equal, both builds' parameter bytes on this rank, and
 whether any frozen parameter requires grad (tests/test_memory.py compares with the simulation).
+
+Then, on an fp32 trainable build (RLVR's CPU setting): after a no-grad forward, which parameters are
+plain (unsharded) tensors after the root's reshard() and after tulu.fsdp.reshard(), the rows a
+checkpoint written then holds, and whether a forward + backward afterwards runs.
 """
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tulu.dist import init_dist, shutdown  # noqa: E402
+from tulu.fsdp import reshard  # noqa: E402
 from tulu.model import _local_rows, build_model  # noqa: E402
+from tulu.resume import save_checkpoint  # noqa: E402
+from tulu.tensorfile import TensorFile  # noqa: E402
 
 
 def main() -> None:
@@ -36,9 +43,29 @@ def main() -> None:
     result = {"rank": d.rank, "logits_equal": torch.equal(a, b), "logits_dtype": str(b.dtype),
               "requires_grad": any(p.requires_grad for p in frozen.parameters()),
               "frozen_dtypes": sorted({str(p.dtype) for p in frozen.parameters()}), **sizes}
-    Path(f"{args.out}.rank{d.rank}.json").write_text(json.dumps(result))
     del trainable, frozen, a, b
+    result.update(_reshard_then_checkpoint_then_backward(d, ids, Path(f"{args.out}.ckpt")))
+    Path(f"{args.out}.rank{d.rank}.json").write_text(json.dumps(result))
     shutdown()
+
+
+def _reshard_then_checkpoint_then_backward(d, ids: torch.Tensor, out: Path) -> dict:
+    model = build_model("tulu/tiny", d.device, compute_dtype="fp32")
+    plain = lambda: sorted(n for n, p in model.named_parameters() if not hasattr(p, "to_local"))  # noqa: E731
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.reshard()  # the root's unit only
+    after_root = plain()
+    reshard(model)  # every unit
+    after_all = plain()
+    save_checkpoint(out, 1, {"model": (model, None)}, {}, d.rank, d.world)
+    f = TensorFile(out / "checkpoints" / "step_1" / f"model-rank{d.rank:05d}.safetensors")
+    rows = {n: f.shape(n)[0] for n in f.keys()}
+    local = {n: _local_rows(p)[0].shape[0] for n, p in model.named_parameters()}
+    model(input_ids=ids, labels=ids).loss.backward()  # FSDP frees the gathered lm_head after backward
+    del model
+    return {"plain_after_root_reshard": after_root, "plain_after_reshard": after_all,
+            "checkpoint_rows_are_local": rows == local, "backward_ran": True}
 
 
 if __name__ == "__main__":
