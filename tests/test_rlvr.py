@@ -84,6 +84,48 @@ def test_resume_continues_episodes_and_data_order(sft_tiny, tmp_path):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
 
 
+@pytest.mark.slow
+def test_dapo_token_mean_is_over_the_global_batch(sft_tiny, tmp_path):
+    """DAPO divides the token sum by the mini-batch's token count over every rank and micro-batch, so
+    2 ranks x 4 prompts in micro-batches of 1 take the same step as 1 rank x 8 in micro-batches of 8.
+    A per-rank or per-micro-batch mean weighs tokens by their response's length and neighbours: grpo's
+    token mean in the same two runs gave grad norms 0.2138 vs 0.2116 (measured 2026-12-02)."""
+    one = _short_run(sft_tiny, tmp_path / "w1", 1, 8, "dapo", ["--total_episodes", "32",
+                                                               "--per_device_train_batch_size", "8"])[-1]
+    two = _short_run(sft_tiny, tmp_path / "w2", 2, 4, "dapo", ["--total_episodes", "32"])[-1]
+    for key in ("objective/scores", "val/informative_frac", "policy/grad_norm"):
+        assert abs(one[key] - two[key]) <= 1e-5 * max(1.0, abs(one[key])), (key, one[key], two[key])
+    assert one["policy/grad_norm"] > 0
+    m1 = AutoModelForCausalLM.from_pretrained(tmp_path / "w1", dtype=torch.float32)
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "w2", dtype=torch.float32)
+    x = torch.randint(3, 300, (2, 16))
+    with torch.no_grad():
+        assert (m1(input_ids=x).logits - m2(input_ids=x).logits).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["dr_grpo", "dapo", "gspo"])
+def test_loss_variant_short_run_learns(sft_tiny, tmp_path, algo):
+    """Each variant of the table, 80 steps of 8 prompts x 4 samples per rank, 4 optimizer steps per step
+    (later minibatches are off-policy, so the clip ranges act): every logged value finite, and the
+    verified-correct rate of its own samples rises from the first quarter to the last. Measured
+    2026-12-02: dr_grpo 0.152 -> 0.222, dapo 0.129 -> 0.220, gspo 0.148 -> 0.209; grpo at 40 steps
+    moved only +0.01 to +0.03, hence 80."""
+    logged = _short_run(sft_tiny, tmp_path / algo, 2, 8, algo, ["--total_episodes", "5120", "--local_mini_batch_size",
+                                                                 "8", "--per_device_train_batch_size", "8"])
+    assert len(logged) == 80
+    for m in logged:
+        bad = {k: v for k, v in m.items() if isinstance(v, float) and not math.isfinite(v)}
+        assert not bad, (m["step"], bad)
+    rates = [m["objective/verifiable_correct_rate"] for m in logged]
+    first, last = sum(rates[:20]) / 20, sum(rates[-20:]) / 20
+    assert last > first + 0.02, (first, last)
+    if algo == "dapo":  # dynamic sampling dropped the groups of one verdict
+        assert 0 < sum(m["val/informative_frac"] for m in logged) / 80 < 1
+    if algo == "gspo":  # the sequence ratio left its ±3e-4 / 4e-4 band on the off-policy minibatches
+        assert max(m["policy/clipfrac_avg"] for m in logged) > 0.1
+
+
 def _dry_run(flags: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train/rlvr.py"), *flags, "--dry_run"], cwd=REPO,
                           env=script_env(), capture_output=True, text=True, timeout=300)

@@ -1,4 +1,5 @@
-"""RL with verifiable rewards (Tulu 3 stage 4): PPO exactly as the original, and GRPO.
+"""RL with verifiable rewards (Tulu 3 stage 4): PPO exactly as the original, GRPO, and the variants
+Dr. GRPO, DAPO and GSPO (--algo; one row each in tulu/rl_algorithms.py).
 
 Generation runs in a pool of engine processes (rollout/: vLLM on GPUs, TorchEngine on CPU) that get
 the new weights after every step through their own process group. --async_mode (default, as the
@@ -38,7 +39,6 @@ from rollout.pool import EnginePool
 from rollout.serve import serve_args
 from rollout.groups import wait_together
 from rollout.weight_sync import WeightSync
-from tulu.advantages import gae, grpo_advantages, whiten_global
 from tulu.checkpoint import export_hf
 from tulu.config import LogArgs, PlanArgs, cli
 from tulu.data import epoch_permutation, step_samples
@@ -47,12 +47,11 @@ from tulu.fsdp import reshard, resolve_compute_dtype
 from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
-from tulu.ops import masked_whiten
 from tulu.optim import build_optimizer, build_scheduler
 from tulu.resume import StopRequest, find_resume_point, load_checkpoint, restore_scheduler, save_checkpoint
 from tulu.reward import score_head_init
-from tulu.rl_losses import (grpo_policy_loss, kl_penalty, ppo_policy_loss, ppo_rewards, ppo_value_loss, rlvr_scores,
-                            rollout_metrics)
+from tulu.rl_algorithms import ALGORITHMS, LossConfig, informative_groups, overlong_penalty, rollout_advantages
+from tulu.rl_losses import kl_penalty, ppo_value_loss, rlvr_scores, rollout_metrics
 from tulu.rollout_correction import rollout_correction
 from tulu.rollouts import (INVALID_LOGPROB, build_prompt_data, check_engines_in_sync, engine_sync_gaps, generate,
                            held_out_correct_rate, response_logprobs, response_values, rollout_batch, sequence_scores)
@@ -149,15 +148,29 @@ class Args(LogArgs, PlanArgs):
     min_response_length: int = 0
     """A stopped response shorter than this also gets the penalty (original's contain_stop rule)."""
     # --- RL
-    algo: Literal["ppo", "grpo"] = "ppo"
-    """ppo: value model, GAE, KL in the reward (Tulu 3). grpo: group-normalized advantages, KL in the loss."""
+    algo: Literal["ppo", "grpo", "dr_grpo", "dapo", "gspo"] = "ppo"
+    """ppo: value model, GAE, KL in the reward (Tulu 3). grpo: group-normalized advantages, KL in the loss.
+    dr_grpo: no std division, token sums over a constant (Liu et al. 2025). dapo: clip-higher, a token
+    mean over the global mini-batch, overlong shaping, groups of equal correctness dropped (Yu et al.
+    2025). gspo: a clipped sequence-level ratio (Zheng et al. 2025). Table: tulu/rl_algorithms.py."""
     beta: float = 0.05
     """KL coefficient against the reference (initial) policy."""
     kl_estimator: Literal["auto", "kl1", "kl2", "kl3"] = "auto"
     """kl1 = logp − ref, kl2 = ½·kl1², kl3 = exp(−kl1) − 1 + kl1. auto: kl1 for ppo (in the reward, as
     Tulu 3), kl3 for grpo (in the loss: kl1's gradient there just lowers every sampled token's log-prob)."""
-    cliprange: float = 0.2
-    """PPO ratio clip."""
+    cliprange: float | None = None
+    """Ratio clip ε (the lower one, 1 − ε, with cliprange_high). Default: the algorithm's: 0.2 (the
+    original's; DAPO's ε_low), gspo 3e-4 (the GSPO paper's)."""
+    cliprange_high: float | None = None
+    """Upper ratio clip 1 + ε_high. Default: cliprange; dapo 0.28, gspo 4e-4 (their papers')."""
+    overlong_buffer_len: int | None = None
+    """DAPO's soft overlong punishment: the score falls linearly by up to overlong_penalty_factor over
+    the last N response tokens. Default: dapo response_length // 5 (DAPO's 4096 of 20480), else 0 (off)."""
+    overlong_penalty_factor: float = 1.0
+    """Largest overlong penalty (DAPO's 1, on its ±1 rewards; ours are verification_reward = 10)."""
+    dynamic_sampling: bool | None = None
+    """Drop prompts whose samples are all verified or all not (no signal) from the loss. DAPO resamples
+    to refill the batch; here the step trains on the rest. Default: on for dapo."""
     cliprange_value: float = 0.2
     """Value clip."""
     vf_coef: float = 0.1
@@ -246,7 +259,7 @@ def plan(args: Args, train_mix: dict) -> None:
     models = {"policy": (args.model_name_or_path, "causal_lm", True)}
     if args.beta > 0:
         models["reference (frozen)"] = (args.model_name_or_path, "causal_lm", False)
-    if args.algo == "ppo":
+    if ALGORITHMS[args.algo].value_model:
         models["value"] = (args.value_model_path or args.reward_model_path or args.model_name_or_path, "reward", True)
     if args.reward_model_multiplier != 0:
         models["reward model (frozen)"] = (args.reward_model_path, "reward", False)
@@ -264,7 +277,15 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed + d.rank)  # the original seeded learner RNGs with the rank
     compute_dtype = resolve_compute_dtype(args.mixed_precision, d.device)
     n = args.number_samples_per_prompt
-    kl_estimator = args.kl_estimator if args.kl_estimator != "auto" else ("kl1" if args.algo == "ppo" else "kl3")
+    algo = ALGORITHMS[args.algo]
+    kl_estimator = args.kl_estimator if args.kl_estimator != "auto" else ("kl1" if algo.kl_in_reward else "kl3")
+    eps_low = algo.clip[0] if args.cliprange is None else args.cliprange
+    eps_high = args.cliprange_high if args.cliprange_high is not None else (
+        algo.clip[1] if args.cliprange is None else eps_low)
+    loss_cfg = LossConfig(eps_low, eps_high, args.beta, kl_estimator, args.grpo_loss_normalization, args.response_length)
+    overlong = args.overlong_buffer_len if args.overlong_buffer_len is not None else (
+        args.response_length // 5 if algo.overlong_shaping else 0)
+    dynamic_sampling = algo.dynamic_sampling if args.dynamic_sampling is None else args.dynamic_sampling
     local_responses = args.local_rollout_batch_size * n
     if local_responses % args.local_mini_batch_size or args.local_mini_batch_size % args.per_device_train_batch_size:
         raise ValueError("local_rollout_batch_size·number_samples_per_prompt must be a multiple of local_mini_batch_size, "
@@ -273,8 +294,10 @@ def main(args: Args) -> None:
     if args.num_mini_batches not in (None, num_mini_batches):
         raise ValueError(f"--num_mini_batches {args.num_mini_batches} != derived {num_mini_batches}")
     grad_accum = args.local_mini_batch_size // args.per_device_train_batch_size
-    if args.algo == "grpo" and n < 2:
-        raise ValueError("grpo needs --number_samples_per_prompt >= 2 (advantages are normalized within a group)")
+    if algo.advantages != "gae" and n < 2:
+        raise ValueError(f"{args.algo} needs --number_samples_per_prompt >= 2 (advantages are taken within a group)")
+    if not 0 <= overlong < args.response_length:
+        raise ValueError(f"--overlong_buffer_len {overlong} must be in [0, --response_length {args.response_length})")
     if args.use_vllm_logprobs and args.rollout_correction != "none":
         raise ValueError("--rollout_correction needs the trainer's own π_old: with --use_vllm_logprobs the PPO "
                          "ratio is already taken against the engine's log-probs")
@@ -305,7 +328,7 @@ def main(args: Args) -> None:
     ref = (build_model(args.model_name_or_path, d.device, revision=args.model_revision, frozen=True, **common)
            if args.beta > 0 else None)
     value = None
-    if args.algo == "ppo":
+    if algo.value_model:
         value_path = args.value_model_path or args.reward_model_path or args.model_name_or_path
         value = build_model(value_path, d.device, kind="reward", gradient_checkpointing=args.gradient_checkpointing,
                             init_missing=score_head_init(args.seed), **common)
@@ -430,28 +453,23 @@ def main(args: Args) -> None:
         scores = rlvr_scores(rm, verified, responses_t, seq_lens, stop_id, args.reward_model_multiplier,
                              args.verification_reward, args.non_stop_penalty, args.penalty_reward_value,
                              args.min_response_length)  # (B,)
+        if overlong:  # DAPO's length shaping, on the score
+            scores = scores + overlong_penalty(seq_lens + 1, R, overlong, args.overlong_penalty_factor)  # (B,)
         kl = kl_penalty(old_lp, ref_lp, kl_estimator).masked_fill(~resp_mask, 0.0)  # (B, R)
         # Off-policy correction for the engine's samples: weights on the surrogate, and the loss mask
         # (mis drops out-of-band tokens from the loss and its token count).
         is_weights, loss_mask, corr = rollout_correction(old_lp, engine_lp, resp_mask, args.rollout_correction,
                                                          args.rollout_correction_level, args.rollout_correction_cap,
                                                          args.rollout_correction_band)  # (B, R), (B, R)
+        if dynamic_sampling:  # groups of one verdict carry no signal: out of the loss and its token count
+            informative = informative_groups(verified, n)  # (B,)
+            loss_mask = loss_mask & informative[:, None]
+            corr["val/informative_frac"] = informative.float().mean()
 
-        # ---- 3. advantages
-        if args.algo == "ppo":
-            idx = torch.arange(R, device=d.device)
-            value_mask = idx[None, :] <= (seq_lens[:, None] + 1)  # (B, R): values live up to the score slot
-            old_values = old_values.masked_fill(~value_mask, 0.0)
-            rewards, non_score = ppo_rewards(kl, scores, seq_lens, args.beta)  # (B, R), (B,)
-            if args.whiten_rewards:
-                rewards = masked_whiten(rewards, value_mask, shift_mean=False)
-            advantages, returns = gae(rewards, old_values, value_mask, args.gamma, args.lam)  # (B, R)
-            # Whitened over the GLOBAL rollout batch (two all-reduces: the mean, then the squared
-            # deviations). The original used each rank's slice: the update depended on the rank count.
-            advantages = whiten_global(advantages, resp_mask, all_reduce)
-        else:
-            advantages = grpo_advantages(scores, n)  # (B,)
-            non_score = -args.beta * kl.sum(1)
+        # ---- 3. advantages (and, for ppo, returns and the value mask), by the algorithm's estimator
+        advantages, returns, value_mask, non_score = rollout_advantages(
+            algo, scores, kl, old_values, seq_lens, resp_mask, n, args.beta, args.gamma, args.lam,
+            args.whiten_rewards, all_reduce)
         t_score = time.perf_counter() - t_score
 
         # ---- 4. update: num_epochs passes over num_mini_batches minibatches
@@ -460,16 +478,15 @@ def main(args: Args) -> None:
         for _ in range(args.num_epochs):
             order = torch.randperm(B, generator=g)
             for mb in order.split(args.local_mini_batch_size):
+                cfg, divisor = loss_cfg, grad_accum  # per-micro-batch means, averaged (as the original)
+                if algo.global_token_mean:  # Σ over every token of the mini-batch on all ranks / their count
+                    tokens = all_reduce(loss_mask[mb].sum().float())  # ranks' gradients are averaged
+                    cfg, divisor = dataclasses.replace(loss_cfg, global_tokens=tokens.clamp(min=1) / d.world), 1
                 for micro in mb.split(args.per_device_train_batch_size):
                     new_lp = response_logprobs(policy, batch, micro, d.device, args.temperature)  # (b, R)
-                    if args.algo == "ppo":
-                        pg_loss, pm = ppo_policy_loss(new_lp, old_lp[micro], advantages[micro], loss_mask[micro],
-                                                      args.cliprange, token_weights=is_weights[micro])
-                    else:
-                        pg_loss, pm = grpo_policy_loss(new_lp, old_lp[micro], ref_lp[micro], advantages[micro],
-                                                       loss_mask[micro], args.cliprange, args.beta, kl_estimator,
-                                                       args.grpo_loss_normalization, token_weights=is_weights[micro])
-                    (pg_loss / grad_accum).backward()  # per-micro-batch token mean, averaged (as the original)
+                    pg_loss, pm = algo.policy_loss(new_lp, old_lp[micro], ref_lp[micro], advantages[micro],
+                                                   loss_mask[micro], cfg, is_weights[micro])
+                    (pg_loss / divisor).backward()
                     for k, v in pm.items():
                         metrics.add(k, v)
                     if value is not None:

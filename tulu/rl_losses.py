@@ -98,9 +98,11 @@ def ppo_rewards(
 
 
 def _clipped_surrogate(
-    new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+    new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    cliprange: float, cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO-clip per token (Schulman et al. 2017, eq. 7), as a loss: max(−A·ρ, −A·clip(ρ, 1−c, 1+c)).
+    """PPO-clip per token (Schulman et al. 2017, eq. 7), as a loss: max(−A·ρ, −A·clip(ρ, 1−c, 1+c));
+    with cliprange_high, clip(ρ, 1 − c, 1 + c_high) (DAPO's clip-higher).
 
     Returns pg_loss (B, T), ratio ρ (B, T), clipped (B, T) bool (the clipped branch was taken).
     The log-ratio is zeroed off the mask (ρ = 1 there, as the original's INVALID_LOGPROB = 1.0 in
@@ -108,7 +110,8 @@ def _clipped_surrogate(
     """
     ratio = torch.exp(torch.where(mask.bool(), new_logprobs - old_logprobs, 0.0))  # (B, T)
     pg_losses = -advantages * ratio  # (B, T)
-    pg_losses2 = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)  # (B, T)
+    high = cliprange if cliprange_high is None else cliprange_high
+    pg_losses2 = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + high)  # (B, T)
     return torch.max(pg_losses, pg_losses2), ratio, pg_losses2 > pg_losses
 
 
@@ -197,6 +200,7 @@ def grpo_policy_loss(
     normalization: str = "token",
     loss_normalizer: float | torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO policy loss (Shao et al. 2024, DeepSeekMath eq. 3; open-instruct grpo_vllm_thread_ray_gtrl).
 
@@ -207,10 +211,12 @@ def grpo_policy_loss(
     "sequence": each sequence's token mean, then Σ over sequences / (B, or loss_normalizer = the
     step's global sequence count). "sequence" is the paper's 1/|o_i| form that Dr. GRPO criticizes.
     token_weights (B, T): rollout-correction weights on the surrogate (not on the KL term).
+    cliprange_high: the upper clip 1 + cliprange_high (DAPO); None = symmetric.
     """
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand_as(new_logprobs)  # (B, T)
-    pg_loss, ratio, clipped = _clipped_surrogate(new_logprobs, old_logprobs.detach(), advantages.detach(), mask, cliprange)
+    pg_loss, ratio, clipped = _clipped_surrogate(new_logprobs, old_logprobs.detach(), advantages.detach(), mask,
+                                                 cliprange, cliprange_high)
     if token_weights is not None:
         pg_loss = pg_loss * token_weights.detach()  # (B, T)
     kl = kl_penalty(new_logprobs, ref_logprobs.detach(), kl_estimator, log_ratio_clamp=40.0)  # (B, T)
