@@ -45,7 +45,7 @@ def main() -> None:
     p.add_argument("--model", default="tulu/tiny")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo"])
+    p.add_argument("--algo", default="ppo", choices=["ppo", "grpo", "dr_grpo", "dapo", "gspo"])
     a = p.parse_args()
     extra = shlex.split(os.environ.get("EXTRA", ""))
     results = {mode: run(a.model, a.steps, a.nproc, a.algo, mode == "async", extra) for mode in ("sync", "async")}

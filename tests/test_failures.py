@@ -60,7 +60,7 @@ def test_sft_exception_on_one_rank_stops_all_and_is_shown_once(tmp_path):
 
 def test_rlvr_exception_on_pool_rank_stops_trainers_and_engines(tmp_path):
     out_dir = tmp_path / "rlvr"
-    proc, out, took = run_failing("train.rlvr", "ppo_policy_loss", 0, 2, [
+    proc, out, took = run_failing("train.rlvr", "ppo_value_loss", 0, 2, [
         "--output_dir", str(out_dir), "--total_episodes", "512", "--num_evals", "0", "--async_mode", "True"])
     assert_reported_once(proc, out, rank=0)
     assert (out_dir / "engine_logs").exists(), out[-3000:]

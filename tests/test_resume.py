@@ -146,3 +146,54 @@ def test_hf_export_reproduces_the_trained_weights_logits(uninterrupted):
     with torch.no_grad():
         diff = (trained(input_ids=x).logits - exported(input_ids=x).logits).abs().max().item()
     assert diff <= 1e-5, diff
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_takes_its_ranks_and_an_output_dir_has_one_writer(tmp_path):
+    """kill -9 of torchrun alone (an OOM killer's or a scheduler's way): its ranks, each in a session of
+    its own, used to train on, save and prune beside the resumed run. Now: a second run on the same
+    output_dir stops at start-up naming the holder; after the kill no rank lives 15 s later; the
+    newest complete checkpoint resumes."""
+    out = tmp_path / "run"
+    cmd = TORCHRUN + ["--standalone", "--nproc_per_node=2", str(REPO / "train/sft.py"),
+                      *_args(out, extra=["--max_train_steps", "5000"])]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        _wait_for_step(out, 3, proc)  # step_2 is complete
+        ranks = _workers(proc)
+        second = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=180)
+        assert second.returncode != 0
+        said = second.stdout + second.stderr
+        assert f"--output_dir {out} is in use by another run (host " in said, said[-3000:]
+        assert any(f" pid {pid} since " in said for pid in ranks), (ranks, said[-3000:])
+        assert proc.poll() is None  # the first run went on untouched
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher only
+        proc.wait(timeout=30)
+        deadline = time.time() + 15
+        while any(map(_alive, ranks)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, ranks)), [p for p in ranks if _alive(p)]
+    finally:
+        for pid in _workers(proc) if proc.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = max(m["step"] for m in read_metrics(out))
+    assert killed_at < 5000  # it was stopped, not finished
+    time.sleep(2)
+    assert max(m["step"] for m in read_metrics(out)) == killed_at  # and nothing wrote on after the kill
+    assert not list((out / "checkpoints").glob("*.deleting"))
+    # the lock died with its holder; the newest complete checkpoint resumes (a shorter run: the same schedule
+    # would take minutes)
+    done = torchrun("train/sft.py", _args(out, extra=["--max_train_steps", str(killed_at + 4)]))
+    assert "resumed from" in done.stdout
+    assert max(m["step"] for m in read_metrics(out)) == killed_at + 4

@@ -49,7 +49,7 @@ from tulu.model import build_model, load_tokenizer
 from tulu.optim import build_optimizer, build_scheduler
 from tulu.preference import (build_preference_data, cached_logps, collate_pairs, data_identity, evaluate,
                              model_identity, pair_logps, pair_loss, reference_cache)
-from tulu.resume import StopRequest, maybe_resume, maybe_save
+from tulu.resume import StopRequest, hold_output_dir, maybe_resume, maybe_save
 
 
 @dataclasses.dataclass
@@ -131,6 +131,7 @@ def main(args: Args) -> None:
     if args.dry_run:
         return plan(args, mixer)
     d = init_dist()
+    hold_output_dir(args.output_dir, d.is_main)  # one writer per output_dir (flock; names the holder)
     stop = StopRequest()
     torch.manual_seed(args.seed)
     compute_dtype = resolve_compute_dtype(args.mixed_precision, d.device)

@@ -48,7 +48,8 @@ from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
 from tulu.optim import build_optimizer, build_scheduler
-from tulu.resume import StopRequest, find_resume_point, load_checkpoint, restore_scheduler, save_checkpoint
+from tulu.resume import (StopRequest, find_resume_point, hold_output_dir, load_checkpoint, restore_scheduler,
+                         save_checkpoint)
 from tulu.reward import score_head_init
 from tulu.rl_algorithms import ALGORITHMS, LossConfig, informative_groups, overlong_penalty, rollout_advantages
 from tulu.rl_losses import kl_penalty, ppo_value_loss, rlvr_scores, rollout_metrics
@@ -273,6 +274,7 @@ def main(args: Args) -> None:
     if args.dry_run:
         return plan(args, train_mix)
     d = init_dist()
+    hold_output_dir(args.output_dir, d.is_main)  # one writer per output_dir (flock; names the holder)
     stop = StopRequest()
     torch.manual_seed(args.seed + d.rank)  # the original seeded learner RNGs with the rank
     compute_dtype = resolve_compute_dtype(args.mixed_precision, d.device)

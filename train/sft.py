@@ -31,7 +31,7 @@ from tulu.mixer import parse_mixer
 from tulu.model import build_model, load_tokenizer
 from tulu.optim import build_optimizer, build_scheduler
 from tulu.packing import model_inputs, pack, pad
-from tulu.resume import StopRequest, maybe_resume, maybe_save
+from tulu.resume import StopRequest, hold_output_dir, maybe_resume, maybe_save
 
 
 @dataclasses.dataclass
@@ -78,6 +78,7 @@ def main(args: Args) -> None:
     if args.dry_run:
         return plan(args, mixer)
     d = init_dist()
+    hold_output_dir(args.output_dir, d.is_main)  # one writer per output_dir (flock; names the holder)
     stop = StopRequest()
     torch.manual_seed(args.seed)
     compute_dtype = resolve_compute_dtype(args.mixed_precision, d.device)

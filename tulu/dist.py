@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -39,8 +40,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, end this rank the moment its launcher dies, even by SIGKILL.
+
+    torchrun starts each worker in a session of its own, so a SIGKILL to the launcher (an OOM
+    killer, a scheduler, `kill -9`) used to leave the ranks training and writing into output_dir
+    beside the run that resumed there. On Linux the kernel sends us SIGKILL when the parent (the
+    launcher's agent) exits (prctl PR_SET_PDEATHSIG); elsewhere a thread polls the parent pid. A
+    save cut short this way leaves only a step_N.tmp folder, which resume never reads."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return
+    parent = os.getppid()
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
+    if os.getppid() != parent or (parent == 1 and not _launcher_is_init()):  # it died before we were armed
+        print(f"[rank {os.environ.get('RANK', '?')}] the launcher is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def _launcher_is_init() -> bool:
+    """Whether PID 1 is torchrun itself (a container started with `torchrun ...` as its command)."""
+    try:
+        return b"torch" in open("/proc/1/cmdline", "rb").read()
+    except OSError:
+        return True  # cannot tell: do not exit
+
+
 def init_dist(timeout_s: int = 1800) -> Dist:
-    """Join (or, without torchrun, create) the default process group and pick this rank's device."""
+    """Join (or, without torchrun, create) the default process group and pick this rank's device.
+    Under torchrun the rank first ties its life to the launcher's (die_with_launcher)."""
+    die_with_launcher()
     if "RANK" not in os.environ:  # plain `python script.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

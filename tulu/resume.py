@@ -72,11 +72,11 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, modules: dict, tra
             local, row0 = _local_rows(t)
             tensors[name] = local.detach()  # copied to the host one at a time, while it is written
             meta[name] = [row0, t.shape[0] if t.ndim else 0]
-        save_tensors(_rank_file(tmp, prefix, rank), tensors, metadata={"rows": json.dumps(meta)})
+        _save_into(tmp, _rank_file(tmp, prefix, rank), tensors, {"rows": json.dumps(meta)})
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_tensors(_rank_file(tmp, "rng", rank), rng)
+    _save_into(tmp, _rank_file(tmp, "rng", rank), rng)
     barrier()
     if rank == 0:
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step, "world": world}, indent=1))
@@ -90,14 +90,67 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, modules: dict, tra
     return final
 
 
+def _save_into(folder: Path, path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    try:
+        save_tensors(path, tensors, metadata=metadata)
+    except FileNotFoundError as e:
+        if folder.exists():
+            raise
+        raise FileNotFoundError(f"{folder} was removed while this rank was saving into it: another process is "
+                                f"writing to the same output_dir (an orphan of a killed run?)") from e
+
+
 def _prune(root: Path, keep_last_n: int) -> None:
     """Keep the newest keep_last_n complete checkpoints (at least the one just written); -1 keeps
-    all (the original's -1 deleted all of them, a bug fixed upstream in 72d6ca9e8)."""
+    all (the original's -1 deleted all of them, a bug fixed upstream in 72d6ca9e8). Only complete
+    folders older than the newest complete one are touched (never a step_N.tmp being written),
+    each renamed to step_N.deleting before it is deleted, so a prune cut short never leaves a
+    half-deleted folder that still looks complete; leftovers of such a cut are removed here."""
+    for stale in root.glob("step_*.deleting"):
+        shutil.rmtree(stale, ignore_errors=True)
     if keep_last_n < 0:
         return
     complete = complete_checkpoints(root)
     for old in complete[: max(0, len(complete) - max(1, keep_last_n))]:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = old.with_name(old.name + ".deleting")
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+_held: list = []  # the open lock files of this process: the kernel releases them when it exits
+
+
+def hold_output_dir(output_dir: str | os.PathLike, is_main: bool) -> None:
+    """One writer per output_dir: rank 0 takes an exclusive flock on output_dir/.lock for the whole
+    run (released by the kernel when the process ends, even by SIGKILL: no stale lock to clean up),
+    and every rank raises, naming the holder, when another run has it. Collective."""
+    from tulu.dist import broadcast_object
+
+    error = None
+    if is_main:
+        import fcntl
+        import socket
+
+        path = Path(output_dir) / ".lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that did not say"
+            f.close()
+            error = (f"--output_dir {output_dir} is in use by another run ({holder}); wait for it to end, stop "
+                     f"it, or choose another --output_dir")
+        else:
+            f.seek(0)
+            f.truncate()
+            f.write(f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            _held.append(f)
+    error = broadcast_object(error)
+    if error:
+        raise RuntimeError(error)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
