@@ -37,7 +37,8 @@ def launch(flags: list[str], nproc: int) -> dict:
             "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
     cmd = [sys.executable, "-c", code, sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", str(REPO / "train/dpo.py"), *flags]
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # prepended
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=pythonpath, TOKENIZERS_PARALLELISM="false")
     start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

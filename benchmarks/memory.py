@@ -102,7 +102,8 @@ def torchrun(nproc: int, *script_args: str) -> list[dict]:
         out = Path(tmp) / "m"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(ROOT / "tests/scripts/memory_measure.py"), *script_args, "--out", str(out)]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # prepended
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
         if r.returncode != 0:
             raise RuntimeError(r.stderr[-3000:])
         return [json.loads(Path(f"{out}.rank{i}.json").read_text()) for i in range(nproc)]

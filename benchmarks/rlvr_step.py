@@ -31,8 +31,9 @@ def run(model: str, steps: int, nproc: int, algo: str, async_mode: bool, extra: 
                str(REPO / "train/rlvr.py"), "--model_name_or_path", model, "--algo", algo, "--num_evals", "0",
                "--async_mode", str(async_mode), "--total_episodes", str(episodes), "--output_dir", tmp,
                "--local_rollout_batch_size", "16", "--number_samples_per_prompt", "4", *extra]
+        pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # prepended
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
+                              env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": pythonpath})
         if proc.returncode:
             raise SystemExit(proc.stdout[-2000:] + proc.stderr[-3000:])
         rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]

@@ -131,8 +131,9 @@ def run_script(script: str, flags: list[str], python: str = sys.executable, env:
     perf/tokens_per_s_per_device (one per optimizer step with --logging_steps 1)."""
     with tempfile.TemporaryDirectory(prefix="tulu-bench-") as out:
         cmd = [python, str(ROOT / "train" / script), *flags, "--output_dir", out, "--logging_steps", "1"]
+        pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # prepended
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", **(env or {})})
+                           env={**os.environ, "PYTHONPATH": pythonpath, "WANDB_MODE": "disabled", **(env or {})})
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

@@ -188,8 +188,9 @@ def run_trl(kind: str, data: Path, packing: bool, args: Args) -> list[dict]:
         spec = dict(kind=kind, data=str(data), packing=packing, batch=args.per_device_train_batch_size,
                     accum=args.gradient_accumulation_steps, steps=args.steps, max_len=args.max_seq_length,
                     out=f"{tmp}/steps.json", out_dir=f"{tmp}/out")
+        pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # prepended
         r = subprocess.run([sys.executable, __file__, "--trl_worker", json.dumps(spec)], cwd=ROOT, capture_output=True,
-                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"})
+                           text=True, env={**os.environ, "PYTHONPATH": pythonpath, "WANDB_MODE": "disabled"})
         if r.returncode != 0:
             raise RuntimeError(f"TRL {kind} worker failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
         steps = json.loads(Path(spec["out"]).read_text())

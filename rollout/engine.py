@@ -109,6 +109,12 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return ((seed + prompt_index) * SEED_STRIDE + sample_index) % (2**63 - 1)
 
 
+def row_generators(seed: int, rows: Sequence[tuple[int, int]], device: torch.device) -> list[torch.Generator]:
+    """One generator per (prompt, sample) row, on the device the probabilities live on: torch.multinomial
+    refuses a CPU generator for CUDA probabilities ("Expected a 'cuda' device type for generator")."""
+    return [torch.Generator(device=device).manual_seed(row_seed(seed, i, j)) for i, j in rows]
+
+
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero the tail outside the smallest set of tokens whose mass reaches top_p. probs: (B, V)."""
     sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V)
@@ -169,7 +175,7 @@ class TorchEngine:
         done: list[Completion] = []
         for lo in range(0, len(rows), self.max_batch_rows):
             chunk = rows[lo : lo + self.max_batch_rows]
-            gens = [torch.Generator().manual_seed(row_seed(base, i, j)) for i, j in chunk]
+            gens = row_generators(base, chunk, self.device)
             done += self._decode([list(prompts[i]) for i, _ in chunk], params, gens)
         return [done[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 

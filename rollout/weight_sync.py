@@ -33,7 +33,10 @@ rather than inside the group's collectives: a generation may take longer than an
 
 Failures: push raises EngineDied before any collective when the pool already knows an engine is
 dead; an engine dying mid-sync closes its connections and gloo raises at once (measured: ~10 ms);
-anything else is bounded by the group's timeout_s. Nothing waits forever.
+anything else is bounded by the group's timeout_s. Nothing waits forever. Under NCCL (GPU engines)
+a peer dying mid-broadcast is not seen by the transport: the broadcast blocks until NCCL's watchdog
+aborts it after timeout_s (600 s by default), and the error names the sync group, not the engine
+(the pool's log of that engine says why it died). Not measured: no GPU has run it yet.
 
 Usage on the trainer (rank 0 owns the pool; the other ranks pass None):
 

@@ -6,6 +6,7 @@ is importable (the `bench` extra); without it the tables say "n/a". No GPU neede
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -18,8 +19,8 @@ TINY = ["--steps", "1", "--warmup", "0", "--rounds", "1", "--max_seq_length", "6
         "--median_tokens", "24"]
 
 
-def run_bench(*args: str, timeout: int = 120) -> str:
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=script_env(), capture_output=True, text=True,
+def run_bench(*args: str, timeout: int = 120, env: dict | None = None) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env or script_env(), capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"{args[0]} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
@@ -31,8 +32,15 @@ def table_rows(out: str, first_cell: str) -> list[list[str]]:
             if line.startswith(f"| {first_cell}")]
 
 
-def test_sft_throughput_prints_packed_and_padded():
-    out = run_bench("benchmarks/sft_throughput.py", *TINY)
+def test_sft_throughput_prints_packed_and_padded(tmp_path):
+    # Packages added through PYTHONPATH (the only way on a machine without a registry) must reach the
+    # training processes the benchmark starts: a sitecustomize there records every interpreter it enters.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nopen(os.path.join(os.path.dirname(__file__), f'seen-{os.getpid()}'), 'w').write(' '.join(sys.argv))\n")
+    env = script_env()
+    env["PYTHONPATH"] = f"{env['PYTHONPATH']}{os.pathsep}{tmp_path}"
+    out = run_bench("benchmarks/sft_throughput.py", *TINY, env=env)
+    assert any("train/sft.py" in f.read_text() for f in tmp_path.glob("seen-*")), "PYTHONPATH lost in the children"
     assert "| layout | tokens/s (non-pad, median) | padding fraction |" in out
     packed, padded = table_rows(out, "packed")[0], table_rows(out, "padded")[0]
     assert float(packed[1]) > 0 and float(padded[1]) > 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollout.engine import SamplingParams, TorchEngine, top_p_filter
+from rollout.engine import SamplingParams, TorchEngine, row_generators, row_seed, top_p_filter
 from tulu.ops import logprobs_from_logits
 from tulu.tiny import tiny_dir
 
@@ -117,6 +117,19 @@ def test_top_p_filter_keeps_the_nucleus():
     kept = top_p_filter(probs, 0.75) > 0
     assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
     assert (top_p_filter(probs, 0.01) > 0).sum(-1).tolist() == [1, 1]  # always at least the top token
+
+
+def test_row_generators_live_on_the_probabilities_device_and_keep_the_row_seeds():
+    rows = [(0, 0), (0, 1), (3, 2)]
+    gens = row_generators(7, rows, torch.device("cpu"))
+    assert [g.device.type for g in gens] == ["cpu"] * 3
+    probs = torch.full((50,), 0.02)
+    for g, (i, j) in zip(gens, rows):  # the same draws as a generator seeded by hand with row_seed
+        want = torch.multinomial(probs, 5, replacement=True, generator=torch.Generator().manual_seed(row_seed(7, i, j)))
+        assert torch.equal(torch.multinomial(probs, 5, replacement=True, generator=g), want)
+    if torch.cuda.is_available():  # a CPU generator on CUDA probabilities raised at the first sampled token
+        g = row_generators(7, rows[:1], torch.device("cuda"))[0]
+        assert torch.multinomial(probs.cuda(), 1, generator=g).device.type == "cuda"
 
 
 def test_load_weights_bumps_version_and_changes_outputs(engine):

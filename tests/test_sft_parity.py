@@ -14,6 +14,9 @@ STEPS, LR, SEQ = 5, 3e-3, 128
 CASES = {
     # name: (reduce_loss, per_device, grad_accum, extra flags)
     "token_mean_packed": ("token_mean", 4, 2, ["--packing", "True"]),
+    # the presets' --use_flash_attn where flash-attn cannot run (CPU; a GPU without the package): the
+    # sdpa fallback must keep packed documents apart, so the loss still equals the reference's
+    "token_mean_packed_flash_fallback": ("token_mean", 4, 2, ["--packing", "True", "--use_flash_attn"]),
     "token_mean_padded_offload_ac": ("token_mean", 2, 2, ["--packing", "False", "--cpu_offload", "--gradient_checkpointing"]),
     "mean_b1_ga4": ("mean", 1, 4, ["--packing", "False"]),
     "sum_b1_ga4": ("sum", 1, 4, ["--packing", "False"]),
@@ -24,18 +27,21 @@ CASES = {
 def _launch(tmp_path, name):
     reduce_loss, bs, ga, extra = CASES[name]
     out = tmp_path / name
-    torchrun("train/sft.py", ["--dataset_mixer_list", "tulu/synth-sft", "160", "--max_train_steps", str(STEPS),
-                              "--learning_rate", str(LR), "--warmup_ratio", "0", "--max_seq_length", str(SEQ),
-                              "--per_device_train_batch_size", str(bs), "--gradient_accumulation_steps", str(ga),
-                              "--reduce_loss", reduce_loss, "--output_dir", str(out), "--mixed_precision", "fp32", *extra])
-    return out, read_metrics(out)
+    proc = torchrun("train/sft.py", [
+        "--dataset_mixer_list", "tulu/synth-sft", "160", "--max_train_steps", str(STEPS), "--learning_rate", str(LR),
+        "--warmup_ratio", "0", "--max_seq_length", str(SEQ), "--per_device_train_batch_size", str(bs),
+        "--gradient_accumulation_steps", str(ga), "--reduce_loss", reduce_loss, "--output_dir", str(out),
+        "--mixed_precision", "fp32", *extra])
+    return out, read_metrics(out), proc.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_rank_fsdp_matches_single_process_formula(tmp_path, name):
     reduce_loss, bs, ga, _ = CASES[name]
-    out, logged = _launch(tmp_path, name)
+    out, logged, stdout = _launch(tmp_path, name)
+    if "--use_flash_attn" in CASES[name][3]:
+        assert "--use_flash_attn: no CUDA device; using sdpa with a block-diagonal mask" in stdout, stdout[-2000:]
     ref, ref_model = reference_run(MIXER, reduce_loss, bs, ga, world=2, steps=STEPS, lr=LR, max_seq_length=SEQ)
     assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
     for m, (loss, gn) in zip(logged, ref):

@@ -28,7 +28,7 @@ from tulu.fsdp import resolve_compute_dtype
 from tulu.losses import sft_loss
 from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
-from tulu.model import build_model, load_tokenizer
+from tulu.model import build_model, flash_attn_or_fallback, load_tokenizer
 from tulu.optim import build_optimizer, build_scheduler
 from tulu.packing import model_inputs, pack, pad
 from tulu.resume import StopRequest, hold_output_dir, maybe_resume, maybe_save
@@ -79,6 +79,7 @@ def main(args: Args) -> None:
         return plan(args, mixer)
     d = init_dist()
     hold_output_dir(args.output_dir, d.is_main)  # one writer per output_dir (flock; names the holder)
+    args.use_flash_attn = flash_attn_or_fallback(args.use_flash_attn, d.device)  # else sdpa, said once
     stop = StopRequest()
     torch.manual_seed(args.seed)
     compute_dtype = resolve_compute_dtype(args.mixed_precision, d.device)

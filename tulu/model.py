@@ -19,6 +19,25 @@ from tulu.tiny import TINY_NAME, tiny_dir
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
 
 
+def flash_attn_or_fallback(requested: bool, device: torch.device) -> bool:
+    """--use_flash_attn where it can run: flash-attn importable and a CUDA device. Otherwise False:
+    sdpa with the block-diagonal mask that keeps packed documents apart (the presets pass the flag,
+    and flash-attn has no binary wheels), said once in a warning that names the fallback."""
+    if not requested:
+        return False
+    import importlib.util
+
+    why = ("no CUDA device" if device.type != "cuda" else
+           "flash-attn is not installed (no binary wheels; `pip install flash-attn` builds it from source)"
+           if importlib.util.find_spec("flash_attn") is None else None)
+    if why:
+        from tulu.dist import print0
+
+        print0(f"[model] WARNING: --use_flash_attn: {why}; using sdpa with a block-diagonal mask per packed row")
+        return False
+    return True
+
+
 def resolve(name_or_path: str, revision: str | None = None) -> Path:
     """A local folder for a model name: the embedded tiny model, a local path, or a hub snapshot
     (config, tokenizer and safetensors only: no pickled weights, no remote code)."""
