@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_suite.sh --fetch-wheels    # HERE (internet: PyPI): download the wheels the GPU machine lacks into .whl/
 #   bash benchmarks/gpu_suite.sh [SECTION ...]     # THERE: tests sft1b sft8b memory generation checkpoint weight_sync (default: all)
+#   bash benchmarks/gpu_suite.sh quick             # THERE: tests sft1b generation weight_sync memory, short, <= 8 min in all
 #
 # Device tool (one command is capped at 10 minutes, so run the sections in two or three calls):
 #   echo /.whl/ >> .git/info/exclude; bash benchmarks/gpu_suite.sh --fetch-wheels      # once, here
@@ -50,6 +51,12 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF
 export TULU_CACHE=${TULU_CACHE:-/tmp/tulu-cache}
 OUTFILE=${OUT:-/tmp}/gpu_results.md
 SECTIONS=("$@"); [[ ${#SECTIONS[@]} -eq 0 ]] && SECTIONS=(tests sft1b sft8b memory generation checkpoint weight_sync)
+QUICK=0
+if [[ "${SECTIONS[0]}" == "quick" ]]; then  # per-section limits sum to 470 s: one 10-minute device command
+  QUICK=1; SECTIONS=(tests sft1b generation weight_sync memory)
+fi
+echo "wheels this machine needs beyond torch + transformers: $WHEELS"
+if ls .whl/*.whl >/dev/null 2>&1; then echo "carried in .whl: $(ls .whl/*.whl | wc -l) files, $(du -ch .whl/*.whl | tail -1 | cut -f1)"; fi
 
 section() {  # name, timeout, command...
   local name=$1 limit=$2; shift 2
@@ -70,13 +77,15 @@ section() {  # name, timeout, command...
   echo "Anchor (torchtitan, Llama-3.1-8B, FSDP + torch.compile, seq 8192, 8x H100): ~6.7k tokens/s/GPU, 33-39% MFU."
   for s in "${SECTIONS[@]}"; do
     case $s in
-      sft1b) section sft1b 580 python3 benchmarks/sft_throughput.py --no-tiny --gpu --gpu_shapes llama-1b --gpu_steps 10 ;;
+      sft1b) if ((QUICK)); then section sft1b 200 python3 benchmarks/sft_throughput.py --no-tiny --gpu --gpu_shapes llama-1b --gpu_steps 4
+             else section sft1b 580 python3 benchmarks/sft_throughput.py --no-tiny --gpu --gpu_shapes llama-1b --gpu_steps 10; fi ;;
       sft8b) section sft8b 590 python3 benchmarks/sft_throughput.py --no-tiny --gpu --gpu_shapes llama-3.1-8b --gpu_steps 5 ;;
-      memory) section memory 400 python3 benchmarks/memory.py --skip_measure ;;
-      generation) section generation 400 python3 benchmarks/gpu_generation.py --shape llama-1b ;;
+      memory) section memory $((QUICK ? 60 : 400)) python3 benchmarks/memory.py --skip_measure ;;
+      generation) section generation $((QUICK ? 90 : 400)) python3 benchmarks/gpu_generation.py --shape llama-1b ;;
       checkpoint) section checkpoint 400 python3 benchmarks/checkpoint.py --sizes 100m 1b --reps 2 ;;
-      weight_sync) section weight_sync 400 python3 benchmarks/weight_sync.py --sizes 200m --buckets 64 256 --reps 3 ;;
-      tests) section tests 400 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
+      weight_sync) if ((QUICK)); then section weight_sync 60 python3 benchmarks/weight_sync.py --sizes 200m --buckets 256 --reps 1
+                   else section weight_sync 400 python3 benchmarks/weight_sync.py --sizes 200m --buckets 64 256 --reps 3; fi ;;
+      tests) section tests $((QUICK ? 60 : 400)) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
       *) echo "unknown section $s (sft1b sft8b memory generation checkpoint weight_sync tests)" ;;
     esac
   done
