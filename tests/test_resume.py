@@ -1,8 +1,11 @@
 """Checkpoints that survive anything (train/sft.py + tulu/resume.py), 2 gloo ranks, fp32:
 kill -9 mid-step then resume equals the uninterrupted curve; resume at 1 and 4 ranks; incomplete
-checkpoints are skipped; keep_last_n; SIGTERM saves a resumable checkpoint; nothing pickled."""
+checkpoints are skipped; keep_last_n; SIGTERM saves a resumable checkpoint; nothing pickled; a
+killed launcher takes its ranks with it, one run per output_dir, and three such kills stitch into
+the uninterrupted curve."""
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -176,12 +179,7 @@ def test_a_killed_launcher_takes_its_ranks_and_an_output_dir_has_one_writer(tmp_
         assert f"--output_dir {out} is in use by another run (host " in said, said[-3000:]
         assert any(f" pid {pid} since " in said for pid in ranks), (ranks, said[-3000:])
         assert proc.poll() is None  # the first run went on untouched
-        os.kill(proc.pid, signal.SIGKILL)  # the launcher only
-        proc.wait(timeout=30)
-        deadline = time.time() + 15
-        while any(map(_alive, ranks)) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not any(map(_alive, ranks)), [p for p in ranks if _alive(p)]
+        _kill_launcher(proc)
     finally:
         for pid in _workers(proc) if proc.poll() is None else []:
             os.kill(pid, signal.SIGKILL)
@@ -197,3 +195,40 @@ def test_a_killed_launcher_takes_its_ranks_and_an_output_dir_has_one_writer(tmp_
     done = torchrun("train/sft.py", _args(out, extra=["--max_train_steps", str(killed_at + 4)]))
     assert "resumed from" in done.stdout
     assert max(m["step"] for m in read_metrics(out)) == killed_at + 4
+
+
+def _kill_launcher(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun alone, then wait until none of its ranks runs (at most 15 s)."""
+    ranks = _workers(proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.time() + 15
+    while any(map(_alive, ranks)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert ranks and not any(map(_alive, ranks)), ("orphaned ranks", [p for p in ranks if _alive(p)])
+
+
+@pytest.mark.slow
+def test_three_launcher_kills_stitch_into_the_uninterrupted_curve(uninterrupted, tmp_path):
+    """The launcher SIGKILLed three times at (seeded) random moments after steps 3, 5 and 7, some
+    landing in a save (one every 2 steps); each time no rank outlives it, and the same command resumes
+    from the newest complete checkpoint; the last resume runs on 1 rank (same global batch). The
+    stitched curve equals the uninterrupted 2-rank run's to 1e-5."""
+    out, rng = tmp_path / "chaos", random.Random(0)
+    for target in (3, 5, 7):
+        proc = _popen(out)
+        try:
+            _wait_for_step(out, target, proc)
+            time.sleep(rng.uniform(0.0, 0.2))
+            assert proc.poll() is None, "the run finished before its kill"
+            _kill_launcher(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert not list((out / "checkpoints").glob("*.deleting"))
+    done = torchrun("train/sft.py", _args(out, 2, 4), nproc=1)
+    assert "resumed from" in done.stdout
+    full, stitched = _by_step(uninterrupted), _by_step(out)
+    assert sorted(stitched) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert abs(full[step] - stitched[step]) <= 1e-5, (step, full[step], stitched[step])
