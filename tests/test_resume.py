@@ -232,3 +232,28 @@ def test_three_launcher_kills_stitch_into_the_uninterrupted_curve(uninterrupted,
     assert sorted(stitched) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert abs(full[step] - stitched[step]) <= 1e-5, (step, full[step], stitched[step])
+
+
+def test_output_dir_lock_and_lease(tmp_path):
+    """In-process: a second taker of a held folder is refused naming the holder (flock); where flock is
+    not enforced, a lease renewed by another host within 60 s refuses too, an expired one does not."""
+    import socket
+
+    from tulu.resume import hold_output_dir
+
+    held = tmp_path / "held"
+    hold_output_dir(held, is_main=True)
+    lease = json.loads((held / ".lease").read_text())
+    assert lease["pid"] == os.getpid() and time.time() - lease["beat"] < 5
+    with pytest.raises(RuntimeError, match=f"in use by another run \\(host {socket.gethostname()} pid {os.getpid()} since"):
+        hold_output_dir(held, is_main=True)  # a second open file description: flock refuses it
+    for age, refused in ((5, True), (120, False)):
+        folder = tmp_path / f"nfs{age}"  # no flock holder: the lease alone decides
+        folder.mkdir()
+        (folder / ".lease").write_text(json.dumps({"host": "node-7", "pid": 4242, "beat": time.time() - age}))
+        if refused:
+            with pytest.raises(RuntimeError, match="host node-7 pid 4242, its lease on this folder renewed 5 s ago"):
+                hold_output_dir(folder, is_main=True)
+        else:
+            hold_output_dir(folder, is_main=True)
+            assert json.loads((folder / ".lease").read_text())["pid"] == os.getpid()
