@@ -194,10 +194,12 @@ def _live_lease(path: Path, me: dict) -> dict | None:
             return None
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return None  # exited, not yet reaped (its flock is already released)
+        except (ProcessLookupError, FileNotFoundError):  # gone (FileNotFoundError: between the two looks)
             return None
-        except PermissionError:
-            pass  # alive, another user's
+        except (PermissionError, OSError, IndexError):
+            pass  # alive (another user's), or no /proc to tell
     return lease if time.time() - beat < LEASE_TTL_S else None
 
 
