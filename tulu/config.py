@@ -27,7 +27,8 @@ class ModelArgs:
     use_slow_tokenizer: bool = False
     """Ask for the slow tokenizer class (Llama 3 has none, so this changes nothing there)."""
     use_flash_attn: bool = False
-    """flash-attn 2 varlen attention (GPU only; needs the `gpu` extra). Otherwise sdpa."""
+    """flash-attn 2 varlen attention (GPU only; needs flash-attn). Without either: sdpa with the packed
+    block mask, and one warning saying so."""
     chat_template_name: str = "tulu"
     """Chat template: a built-in name ("tulu") or keep the tokenizer's own when it has one."""
     gradient_checkpointing: bool = False
