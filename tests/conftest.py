@@ -33,13 +33,16 @@ def torchrun(script: str, args: list[str], nproc: int = 2, timeout: int = 300,
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{script} timed out after {timeout}s\n{(e.stdout or b'')[-3000:]}\n{(e.stderr or b'')[-3000:]}")
     if proc.returncode != 0:
-        # A rank killed by a signal prints its Python stacks first ("Fatal Python error"), then a long
-        # list of extension modules that would push them out of the tail: keep them.
-        fatal = proc.stderr.find("Fatal Python error")
-        stacks = f"\nFIRST FATAL ERROR:\n{proc.stderr[fatal:fatal + 4000]}" if fatal >= 0 else ""
         pytest.fail(f"{script} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n"
-                    f"{proc.stderr[-6000:]}{stacks}")
+                    f"{proc.stderr[-6000:]}{fatal_stacks(proc.stderr)}")
     return proc
+
+
+def fatal_stacks(text: str) -> str:
+    """A rank killed by a signal prints every thread's Python stack first ("Fatal Python error"), then
+    a long list of extension modules that pushes them out of any tail: the first such block, or ""."""
+    at = text.find("Fatal Python error")
+    return f"\nFIRST FATAL ERROR:\n{text[at:at + 6000]}" if at >= 0 else ""
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import REPO, TORCHRUN, script_env
+from conftest import REPO, TORCHRUN, fatal_stacks, script_env
 
 INJECTOR = REPO / "tests" / "scripts" / "fail_on_rank.py"
 
@@ -26,7 +26,7 @@ def run_failing(module: str, function: str, rank: int, call: int, args: list[str
 def assert_reported_once(proc, out: str, rank: int) -> None:
     assert proc.returncode != 0, out[-3000:]
     message = f"ValueError: injected failure on rank {rank}"
-    assert out.count(message) == 1, out[-6000:]  # in torchrun's summary only
+    assert out.count(message) == 1, out[-6000:] + fatal_stacks(out)  # in torchrun's summary only
     root = out.split("Root Cause (first observed failure):", 1)[1]
     assert f"rank      : {rank} " in root and message in root, root
     other = 1 - rank
