@@ -131,7 +131,7 @@ def test_default_run_prefers_correct_answers_on_heldout_pairs(sft_tiny, tmp_path
     default settings, stopped at 40 of its 125 steps to keep CI short (a full default run: 0.995).
     Evaluations every 15 steps log their own lines and never cut a 10-step training window short."""
     out = tmp_path / "dpo"
-    proc = torchrun("train/dpo.py", ["--model_name_or_path", str(sft_tiny), "--output_dir", str(out),
+    proc = torchrun("train/dpo.py", ["--model_name_or_path", str(sft_tiny), "--preset", "tiny", "--output_dir", str(out),
                                      "--logging_steps", "10", "--eval_steps", "15", "--max_train_steps", "40"],
                     timeout=600)
     assert "loss dpo_norm beta 5.0" in proc.stdout  # Tulu 3's β is the default for dpo_norm

@@ -22,7 +22,7 @@ def test_offloaded_sft_then_cached_reference_dpo_on_cuda(tmp_path):
     assert len(logged) == 3 and all(math.isfinite(m["train/grad_norm"]) and m["train/grad_norm"] > 0 for m in logged)
     dpo = tmp_path / "dpo"
     for _ in range(2):  # the second run reuses the cache
-        proc = torchrun("train/dpo.py", ["--model_name_or_path", str(sft), "--output_dir", str(dpo),
+        proc = torchrun("train/dpo.py", ["--model_name_or_path", str(sft), "--preset", "tiny", "--output_dir", str(dpo),
                                          "--max_train_steps", "2", "--reference_logprobs", "cache",
                                          "--cpu_offload", "--mixed_precision", "bf16"], nproc=1)
     assert "reusing reference log-prob cache" in proc.stdout

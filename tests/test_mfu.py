@@ -43,7 +43,7 @@ def test_sft_and_dpo_log_mfu(tmp_path):
         assert m["perf/mfu"] == pytest.approx(m["perf/tokens_per_s_per_device"] * flops / (PEAK_TFLOPS * 1e12), rel=1e-9)
     for ref, factor in (("live", 4 / 3), ("cache", 1.0)):
         out = tmp_path / f"dpo-{ref}"
-        torchrun("train/dpo.py", ["--model_name_or_path", str(tmp_path / "sft"), "--output_dir", str(out),
+        torchrun("train/dpo.py", ["--model_name_or_path", str(tmp_path / "sft"), "--preset", "tiny", "--output_dir", str(out),
                                   "--max_train_steps", "2", "--logging_steps", "1", "--max_seq_length", "128",
                                   "--reference_logprobs", ref, "--dataset_mixer_list", "tulu/synth-pref", "64"])
         for m in logged_perf(out):

@@ -26,7 +26,7 @@ def test_rlvr_raises_heldout_correct_rate(sft_tiny, tmp_path, algo, async_mode):
     out = tmp_path / algo
     # 16 prompts x 4 samples per rank (grpo needs a group; the defaults, as the original's, are 64 x 1)
     group = ["--number_samples_per_prompt", "4", "--local_rollout_batch_size", "16"]
-    torchrun("train/rlvr.py", ["--model_name_or_path", str(sft_tiny), "--algo", algo, "--async_mode", async_mode,
+    torchrun("train/rlvr.py", ["--model_name_or_path", str(sft_tiny), "--preset", "tiny", "--algo", algo, "--async_mode", async_mode,
                                "--output_dir", str(out), "--num_evals", "1", *group], timeout=1200)
     evals = _evals(out)
     assert len(evals) == 2
@@ -46,7 +46,7 @@ def test_rlvr_raises_heldout_correct_rate(sft_tiny, tmp_path, algo, async_mode):
 
 
 def _short_run(model, out, nproc, local_prompts, algo="ppo", extra=()):
-    torchrun("train/rlvr.py", ["--model_name_or_path", str(model), "--algo", algo, "--async_mode", "False",
+    torchrun("train/rlvr.py", ["--model_name_or_path", str(model), "--preset", "tiny", "--algo", algo, "--async_mode", "False",
                                "--local_rollout_batch_size", str(local_prompts), "--number_samples_per_prompt", "4",
                                "--local_mini_batch_size", str(local_prompts * 4), "--per_device_train_batch_size", "1",
                                "--mixed_precision", "fp32", "--num_evals", "0", "--output_dir", str(out), *extra],
@@ -173,6 +173,6 @@ def test_a_bf16_engine_is_corrected_for_and_its_logprobs_can_be_pi_old(sft_tiny,
 
 
 def _logged(model, out, flags):
-    torchrun("train/rlvr.py", ["--model_name_or_path", str(model), "--output_dir", str(out), *flags], nproc=1,
+    torchrun("train/rlvr.py", ["--model_name_or_path", str(model), "--preset", "tiny", "--output_dir", str(out), *flags], nproc=1,
              timeout=600)
     return [m for m in read_metrics(out) if "objective/scores" in m]

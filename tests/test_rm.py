@@ -196,7 +196,7 @@ def check_export(out) -> float:
 @pytest.mark.slow
 def test_default_run_learns_and_export_reproduces_scores(tmp_path, sft_tiny):
     out = tmp_path / "rm"
-    torchrun("train/rm.py", ["--model_name_or_path", str(sft_tiny), "--output_dir", str(out)], timeout=600)
+    torchrun("train/rm.py", ["--model_name_or_path", str(sft_tiny), "--preset", "tiny", "--output_dir", str(out)], timeout=600)
     results = json.loads((out / "eval_results.json").read_text())
     assert results["pairs"] == 200 and results["step"] == 125
     assert check_export(out) <= 1e-5

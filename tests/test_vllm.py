@@ -97,7 +97,7 @@ def test_rlvr_trains_with_vllm_engines(sft_tiny, tmp_path, algo, async_mode, npr
     # GRPO: groups of 4; PPO (sync): a correction with a narrow band, which a matched engine never triggers
     extra = ["--number_samples_per_prompt", "4", "--local_rollout_batch_size", "8", "--local_mini_batch_size", "32"] \
         if algo == "grpo" else ["--rollout_correction", "mis", "--rollout_correction_band", "0.999", "1.001"]
-    torchrun("train/rlvr.py", ["--engine", "vllm", "--model_name_or_path", str(sft_tiny), "--algo", algo,
+    torchrun("train/rlvr.py", ["--engine", "vllm", "--model_name_or_path", str(sft_tiny), "--preset", "tiny", "--algo", algo,
                                "--async_mode", async_mode, "--total_episodes", "640", "--num_evals", "1",
                                "--output_dir", str(out), *extra], nproc=nproc, timeout=900,
              env={"TULU_ROLLOUT_AUTHKEY": key})

@@ -68,8 +68,9 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     """Split of the eval mixer's hub datasets."""
     eval_steps: int | None = None
     """Also evaluate every this many optimizer steps (always once at the end when there is an eval set)."""
-    max_seq_length: int = 256
-    """Right-truncate each of chosen and rejected to this many tokens (Tulu 3: 2048)."""
+    max_seq_length: int | None = None
+    """Right-truncate each of chosen and rejected to this many tokens. None: no truncation (the original's
+    default; Tulu 3: 2048; the tiny preset: 256)."""
     dpo_loss_type: Literal["dpo", "dpo_norm", "simpo", "wpo"] = "dpo_norm"
     """dpo: summed log-probs; dpo_norm: token-averaged (Tulu 3); simpo: averaged, reference-free, margin
     γ; wpo: dpo weighted by the policy's own likelihood of both responses."""
@@ -91,15 +92,8 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     """Processes for tokenization (cached on disk, keyed by data, tokenizer, template and length)."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed rows instead of stopping with an error naming the row and field."""
-    # Demo defaults (the Tulu 3 commands set these explicitly: 5e-7, warmup 0.1, 1 epoch, batch 128).
-    learning_rate: float = 2e-4
-    """Peak AdamW learning rate (Tulu 3 8B DPO: 5e-7)."""
-    warmup_ratio: float = 0.1
-    """Fraction of optimizer steps spent warming up linearly from 0."""
-    num_train_epochs: int = 1
-    """Passes over the training data."""
-    per_device_train_batch_size: int = 16
-    """Preference pairs per micro-batch per rank."""
+    # The optimizer flags keep the original's defaults (2e-5, warmup 0.03, 2 epochs, 8 pairs per device);
+    # the Tulu 3 commands set 5e-7, warmup 0.1, 1 epoch, 128 pairs per step (presets tulu3_*_dpo).
     use_lora: bool = False
     """Accepted so the seed commands' `--use_lora False` translates; LoRA itself is not implemented."""
 
@@ -113,8 +107,10 @@ def plan(args: Args, mixer: dict) -> None:
     steps, schedule = steps_line(count_rows(mixer), G, args.num_train_epochs, args.max_train_steps, args.warmup_ratio)
     needs_ref = DPO_LOSSES[args.dpo_loss_type].needs_reference
     lines = [("global batch", f"{G} pairs ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
-                              f"x {world} ranks)"), ("tokens / step (at most)", 2 * G * args.max_seq_length), *schedule,
+                              f"x {world} ranks)"), *schedule,
              ("reference", args.reference_logprobs if needs_ref else "none (reference-free)")]
+    if args.max_seq_length:  # without a truncation length the bound is the data's longest pair
+        lines.insert(1, ("tokens / step (at most)", 2 * G * args.max_seq_length))
     models = {"policy": (args.model_name_or_path, "causal_lm", True)}
     if needs_ref and args.reference_logprobs == "live":
         models["reference (frozen)"] = (args.model_name_or_path, "causal_lm", False)
@@ -213,8 +209,10 @@ def main(args: Args) -> None:
             tqdm.write(f"eval step {step}: loss {out['eval/loss']:.4f} rewards/accuracy {out['eval/rewards/accuracy']:.3f} "
                        f"rewards/margin {out['eval/rewards/margin']:.4f}")
 
-    capacity = args.per_device_train_batch_size * 2 * args.max_seq_length  # a pair = chosen + rejected tokens
-    flops_tok, peak = model_flops_per_token(model, args.max_seq_length), peak_flops(d.device)
+    # A pair = chosen + rejected tokens; with no truncation length, the longest pair bounds a row.
+    pair_len = 2 * args.max_seq_length if args.max_seq_length else int(data.lengths.max())
+    capacity = args.per_device_train_batch_size * pair_len
+    flops_tok, peak = model_flops_per_token(model, pair_len // 2), peak_flops(d.device)
     window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
     perm_epoch, stopped = None, False
     for step in tqdm(range(start_step, total_steps), disable=not d.is_main, desc="dpo", mininterval=5,

@@ -72,14 +72,17 @@ class Args(LogArgs, PlanArgs):
     """Held-out prompts (JSON dict). Default with the embedded data: tulu/synth-rlvr-eval (200 rows)."""
     dataset_eval_splits: list[str] = dataclasses.field(default_factory=lambda: ["train"])
     """Split of each eval dataset."""
-    max_token_length: int | None = 512
-    """Drop rows whose full chat (prompt + reference answer) is longer than this."""
-    max_prompt_token_length: int | None = 256
-    """Drop rows whose prompt is longer than this."""
-    response_length: int = 24
-    """Tokens generated per response (the response tensor width)."""
+    max_token_length: int | None = None
+    """Drop rows whose full chat (prompt + reference answer) is longer than this. None: no limit (the
+    original's default; Tulu 3: 2048; the tiny preset: 512)."""
+    max_prompt_token_length: int | None = None
+    """Drop rows whose prompt is longer than this. None: no limit (the original's default; Tulu 3: 2048;
+    the tiny preset: 256)."""
+    response_length: int = 53
+    """Tokens generated per response, the response tensor width (the original's default; Tulu 3: 2048;
+    the tiny preset: 24)."""
     chat_template: str = "tulu"
-    """Chat template name."""
+    """Chat template name (Tulu 3's value; the original's default simple_chat)."""
     sft_messages_key: str = "messages"
     """Column holding the prompt messages."""
     ground_truths_key: str = "ground_truth"
@@ -129,23 +132,29 @@ class Args(LogArgs, PlanArgs):
     """Longest an engine may take to generate one batch. Trainer ranks wait for generation without a
     collective timeout (the original waited without limit); this is what ends a hung engine's run."""
     temperature: float = 1.0
-    """Sampling temperature (the learner divides logits by temperature + 1e-7, as the original)."""
+    """Sampling temperature (the learner divides logits by temperature + 1e-7, as the original). Tulu 3's
+    value; the original's default was 0.7."""
     eval_temperature: float = 0.0
     """Temperature of the held-out evaluation (0 = greedy)."""
     stop_token: Literal["eos", "period"] = "eos"
     """The token a response must end with (else non_stop_penalty). period: a response ends at its first '.'
-    token, or at EOS (which then draws the penalty), as the original's EOS-stopped, '.'-truncated output."""
+    token, or at EOS (which then draws the penalty), as the original's EOS-stopped, '.'-truncated output.
+    Tulu 3's value (the original's default None stopped nowhere)."""
     # --- rewards
     apply_verifiable_reward: bool = True
-    """Add verification_reward · verified (GSM8K / MATH / IFEval checkers by the row's dataset)."""
+    """Add verification_reward · verified (GSM8K / MATH / IFEval checkers by the row's dataset). Tulu 3's
+    value (the original's default False)."""
     verification_reward: float = 10.0
     """Reward for a verified answer."""
     reward_model_multiplier: float = 0.0
-    """Weight of the reward model's score (0: the RM is never built or run)."""
+    """Weight of the reward model's score (0: the RM is never built or run). Tulu 3's value (the
+    original's default 1.0)."""
     non_stop_penalty: bool = True
-    """Replace the score of a response that never emitted the stop token by penalty_reward_value."""
+    """Replace the score of a response that never emitted the stop token by penalty_reward_value. Tulu 3's
+    value (the original's default False)."""
     penalty_reward_value: float = -10.0
-    """Score of a response without the stop token (with non_stop_penalty)."""
+    """Score of a response without the stop token (with non_stop_penalty). Tulu 3's value (the original's
+    default -1.0)."""
     min_response_length: int = 0
     """A stopped response shorter than this also gets the penalty (original's contain_stop rule)."""
     # --- RL
@@ -196,8 +205,9 @@ class Args(LogArgs, PlanArgs):
     use_vllm_logprobs: bool = False
     """Use the engine's log-probs as π_old instead of recomputing them (one forward fewer per step)."""
     # --- optimization
-    learning_rate: float = 3e-4
-    """AdamW learning rate of the policy and the value model (tiny demo; Tulu 3 8B: 3e-7)."""
+    learning_rate: float = 2e-5
+    """AdamW learning rate of the policy and the value model (the original's default; Tulu 3 8B: 3e-7;
+    the tiny preset: 3e-4)."""
     warmup_ratio: float = 0.0
     """Fraction of optimizer steps spent warming up."""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
@@ -206,20 +216,22 @@ class Args(LogArgs, PlanArgs):
     """AdamW weight decay (the original used torch's default 0.01)."""
     clip_grad_norm: float = 1.0
     """Gradient-norm clip (the original's DeepSpeed config: 1.0)."""
-    total_episodes: int = 12800
-    """Responses to train on; training steps = total_episodes // (rollout prompts per step · samples)."""
+    total_episodes: int = 100000
+    """Responses to train on; training steps = total_episodes // (rollout prompts per step · samples)
+    (the original's default; the tiny preset: 12800)."""
     local_rollout_batch_size: int = 64
     """Prompts per rank per training step (the original's default)."""
     number_samples_per_prompt: int = 1
     """Responses sampled per prompt (the original's default; grpo needs >= 2, e.g. 4)."""
     local_mini_batch_size: int = 64
     """Responses per rank per optimizer step (must divide local_rollout_batch_size · samples)."""
-    per_device_train_batch_size: int = 16
-    """Responses per micro-batch in the update (gradient accumulation = mini / this)."""
-    local_rollout_forward_batch_size: int = 32
-    """Responses per micro-batch in the no-grad scoring forwards."""
-    num_epochs: int = 1
-    """PPO epochs over each rollout batch."""
+    per_device_train_batch_size: int = 1
+    """Responses per micro-batch in the update (gradient accumulation = mini / this; the original's
+    default; the tiny preset: 16)."""
+    local_rollout_forward_batch_size: int = 64
+    """Responses per micro-batch in the no-grad scoring forwards (the original's default; tiny: 32)."""
+    num_epochs: int = 4
+    """PPO epochs over each rollout batch (the original's default; the tiny preset: 1)."""
     num_mini_batches: int | None = None
     """Optional check: must equal local_rollout_batch_size · samples / local_mini_batch_size."""
     num_evals: int = 4

@@ -60,12 +60,14 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     """Split of each eval dataset (one value applies to all)."""
     chat_template: str | None = None
     """The original RM's name for --chat_template_name (takes precedence when given)."""
-    max_token_length: int | None = 256
-    """Drop pairs whose chosen or rejected conversation is longer (tokens); nothing is truncated."""
-    max_prompt_token_length: int | None = 128
-    """Drop pairs whose prompt (all but the final assistant turn) is longer (tokens)."""
-    per_device_eval_batch_size: int = 16
-    """Preference pairs per eval micro-batch per rank."""
+    max_token_length: int | None = None
+    """Drop pairs whose chosen or rejected conversation is longer (tokens); nothing is truncated. None:
+    no limit (the original's default; Tulu 3: 2048; the tiny preset: 256)."""
+    max_prompt_token_length: int | None = None
+    """Drop pairs whose prompt (all but the final assistant turn) is longer (tokens). None: no limit (the
+    original's default; Tulu 3: 2048; the tiny preset: 128)."""
+    per_device_eval_batch_size: int = 1
+    """Preference pairs per eval micro-batch per rank (the original's default)."""
     eval_steps: int | None = None
     """Evaluate every this many optimizer steps (always once at the end when an eval mixture exists)."""
     packing: bool = True
@@ -82,8 +84,12 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     """AdamW weight decay on matrices (torch's default, which the original kept; 1-D parameters never decay)."""
     warmup_ratio: float = 0.0
     """Fraction of optimizer steps spent warming up linearly from 0 (the original RM had none)."""
-    learning_rate: float = 1e-3
-    """Peak AdamW learning rate (Tulu 3 8B: 3e-6)."""
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate (the original's default; Tulu 3 8B: 3e-6; the tiny preset: 1e-3)."""
+    per_device_train_batch_size: int = 1
+    """Preference pairs per micro-batch per rank (the original RM's default)."""
+    gradient_accumulation_steps: int = 8
+    """Micro-batches per optimizer step per rank (the original RM's default; Tulu 3: 32)."""
     num_train_epochs: int = 1
     """Passes over the training data."""
     seed: int = 1

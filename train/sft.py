@@ -43,13 +43,15 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     """Mixture as a JSON dict {"name": frac_or_count}."""
     dataset_mix_dir: str | None = None
     """Also write the mixed raw rows to {dir}/mixed_ds_train.jsonl."""
-    max_seq_length: int = 256
-    """Right-truncate each conversation to this many tokens (no BOS is added)."""
+    max_seq_length: int | None = None
+    """Right-truncate each conversation to this many tokens (no BOS is added). None: no truncation (the
+    original's default; Tulu 3: 4096; the tiny preset: 256)."""
     reduce_loss: Literal["mean", "sum", "token_mean"] = "token_mean"
     """mean: micro-batch token means averaged (original default); sum: token sums / (grad_accum·world)
     (the Tulu 3 runs); token_mean: one mean over every trained token of the step (recommended)."""
     packing: bool = True
-    """Padding-free rows: best-fit-packed documents of up to per_device_train_batch_size·max_seq_length tokens."""
+    """Padding-free rows: best-fit-packed documents of up to per_device_train_batch_size·max_seq_length tokens
+    (with no max_seq_length: times the longest conversation)."""
     preprocessing_num_workers: int | None = None
     """Processes for tokenization (cached on disk, keyed by data, tokenizer, template and length)."""
     skip_bad_rows: bool = False
@@ -64,9 +66,11 @@ def plan(args: Args, mixer: dict) -> None:
     G = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     steps, schedule = steps_line(count_rows(mixer), G, args.num_train_epochs, args.max_train_steps, args.warmup_ratio)
     lines = [("global batch", f"{G} sequences ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
-                              f"x {world} ranks)"), ("tokens / step (at most)", G * args.max_seq_length), *schedule]
-    if steps:
-        lines.append(("tokens (at most)", f"{steps * G * args.max_seq_length:.3e}"))
+                              f"x {world} ranks)"), *schedule]
+    if args.max_seq_length:  # without a truncation length the bound is the data's longest row
+        lines.insert(1, ("tokens / step (at most)", G * args.max_seq_length))
+        if steps:
+            lines.append(("tokens (at most)", f"{steps * G * args.max_seq_length:.3e}"))
     print_plan("sft", world=world, preset=args.preset, cpu_offload=args.cpu_offload, lines=lines,
                models={"policy": (args.model_name_or_path, "causal_lm", True)})
 
@@ -99,13 +103,14 @@ def main(args: Args) -> None:
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     scheduler = build_scheduler(optimizer, total_steps, int(total_steps * args.warmup_ratio), args.lr_scheduler_type)
     n_params = sum(p.numel() for p in model.parameters())
-    flops_tok, peak = model_flops_per_token(model, args.max_seq_length), peak_flops(d.device)
+    seq_len = args.max_seq_length or int(data.lengths.max())  # no truncation: the longest conversation
+    flops_tok, peak = model_flops_per_token(model, seq_len), peak_flops(d.device)
     metrics = Metrics(args.output_dir, d.is_main, d.device, start_tracker(args, dataclasses.asdict(args)))
     start_step = maybe_resume(args, {"model": (model, optimizer)}, scheduler, global_batch, d.rank, d.world)
     print0(f"[sft] {len(data)} examples, {n_params / 1e6:.2f}M params, world {d.world}, global batch {global_batch}, "
            f"{total_steps} steps, reduce_loss={args.reduce_loss}, packing={args.packing}, dtype={compute_dtype}")
 
-    capacity = args.per_device_train_batch_size * args.max_seq_length
+    capacity = args.per_device_train_batch_size * seq_len
     collate = pack if args.packing else pad
     window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
     perm_epoch, stopped = None, False

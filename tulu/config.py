@@ -2,12 +2,15 @@
 
 Each script declares one flat `Args` dataclass that inherits the sections it needs, so flags keep
 the original open-instruct names (`--learning_rate`, not `--optim.learning_rate`) and every field's
-docstring becomes its `--help` line. Defaults run the embedded tiny demo on a CPU; the Tulu 3 seed
-commands set every hyperparameter that differs explicitly (see presets).
+docstring becomes its `--help` line. Defaults are the original's (open-instruct @e363290), safe for a
+real model; where a docstring says so, the Tulu 3 value. The embedded tiny model runs with its own tuned
+values, the `tiny` preset (tulu/presets.py), applied when no model is given. The Tulu 3 seed commands
+are presets too.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import Literal
 
@@ -30,7 +33,8 @@ class ModelArgs:
     """flash-attn 2 varlen attention (GPU only; needs flash-attn). Without either: sdpa with the packed
     block mask, and one warning saying so."""
     chat_template_name: str = "tulu"
-    """Chat template: a built-in name ("tulu") or keep the tokenizer's own when it has one."""
+    """Chat template: a built-in name ("tulu"), or any other value (say "tokenizer") to keep the
+    tokenizer's own, which it must have."""
     gradient_checkpointing: bool = False
     """Recompute each decoder block in backward (activation checkpointing)."""
     cpu_offload: bool = False
@@ -43,8 +47,8 @@ class ModelArgs:
 
 @dataclasses.dataclass
 class OptimArgs:
-    learning_rate: float = 3e-3
-    """Peak AdamW learning rate."""
+    learning_rate: float = 2e-5
+    """Peak AdamW learning rate (the original's default; Tulu 3 8B SFT: 5e-6; the tiny preset: 3e-3)."""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     """Schedule after warmup (decays to 0 at the last optimizer step)."""
     warmup_ratio: float = 0.03
@@ -53,8 +57,8 @@ class OptimArgs:
     """AdamW weight decay on matrices (1-D parameters never decay)."""
     clip_grad_norm: float = 1.0
     """Global gradient-norm clip; <= 0 disables. (Tulu 3 under DeepSpeed effectively clipped at 1.0.)"""
-    per_device_train_batch_size: int = 16
-    """Sequences (or preference pairs) per micro-batch per rank."""
+    per_device_train_batch_size: int = 8
+    """Sequences (or preference pairs) per micro-batch per rank (the original's default; Tulu 3: 1)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step per rank."""
     num_train_epochs: int = 2
@@ -111,7 +115,8 @@ class CheckpointArgs:
 class PlanArgs:
     preset: str | None = None
     """A Tulu 3 seed command (tulu/presets.py): tulu3_8b_sft, tulu3_70b_sft, tulu3_8b_dpo, tulu3_70b_dpo,
-    tulu3_8b_rm, tulu3_8b_rlvr, tulu3_70b_rlvr. Flags after it override it."""
+    tulu3_8b_rm, tulu3_8b_rlvr, tulu3_70b_rlvr; or tiny: the embedded tiny model's tuned values (applied
+    by itself when no --model_name_or_path is given). Flags given override it."""
     dry_run: bool = False
     """Print the plan (batch, steps, tokens, per-rank memory, offload) at --dry_run_world_size and exit."""
     dry_run_world_size: int | None = None
@@ -140,11 +145,16 @@ def normalize_bool_flags(cls, argv: list[str]) -> list[str]:
     return out
 
 
-def cli(cls, argv: list[str] | None = None, description: str | None = None):
-    """Parse argv into `cls` (flat flags with underscores, explicit True/False for booleans)."""
-    from tulu.presets import expand
+def cli(cls, argv: list[str] | None = None, description: str | None = None, script: str | None = None):
+    """Parse argv into `cls` (flat flags with underscores, explicit True/False for booleans). `script`
+    (default: the running one) picks the presets that apply: a Tulu 3 seed command, or the tiny one."""
+    from tulu.presets import expand, expand_tiny
 
-    argv, _ = expand(list(sys.argv[1:] if argv is None else argv), sys.argv[0])
+    script = script or sys.argv[0]
+    argv, said = expand_tiny(list(sys.argv[1:] if argv is None else argv), script)
+    if said and os.environ.get("RANK", "0") == "0" and "--help" not in argv and "-h" not in argv:
+        print(said, flush=True)
+    argv, _ = expand(argv, script)
     argv = normalize_bool_flags(cls, argv)
     return tyro.cli(cls, args=argv, config=(tyro.conf.FlagConversionOff,), use_underscores=True,
                     description=description)

@@ -74,13 +74,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     d = {s: out / s for s in ("sft", "dpo", "rm", "rlvr")}
     fast = FAST if a.fast else {}
+    tiny = ["--preset", "tiny"]  # later stages start from a tiny export: they ask for the tiny model's preset
     secs = {
         "sft": run_stage("sft.py", ["--output_dir", str(d["sft"]), *fast.get("sft", [])], a.nproc, out / "sft.log"),
-        "dpo": run_stage("dpo.py", ["--model_name_or_path", str(d["sft"]), "--output_dir", str(d["dpo"]),
+        "dpo": run_stage("dpo.py", ["--model_name_or_path", str(d["sft"]), *tiny, "--output_dir", str(d["dpo"]),
                                     *fast.get("dpo", [])], a.nproc, out / "dpo.log"),
-        "rm": run_stage("rm.py", ["--model_name_or_path", str(d["sft"]), "--output_dir", str(d["rm"]),
+        "rm": run_stage("rm.py", ["--model_name_or_path", str(d["sft"]), *tiny, "--output_dir", str(d["rm"]),
                                   *fast.get("rm", [])], a.nproc, out / "rm.log"),
-        "rlvr": run_stage("rlvr.py", ["--model_name_or_path", str(d["dpo"]), "--reward_model_path", str(d["rm"]),
+        "rlvr": run_stage("rlvr.py", ["--model_name_or_path", str(d["dpo"]), *tiny, "--reward_model_path", str(d["rm"]),
                                       "--output_dir", str(d["rlvr"]), "--local_rollout_batch_size", "16",
                                       "--number_samples_per_prompt", "4",  # 4 tries per prompt: more signal on CPU
                                       *fast.get("rlvr", [])], a.nproc, out / "rlvr.log"),

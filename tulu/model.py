@@ -43,6 +43,10 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
     (config, tokenizer and safetensors only: no pickled weights, no remote code)."""
     if name_or_path == TINY_NAME:
         return tiny_dir()
+    from tulu.convert_gguf import GGUF_MODELS, named_model_dir
+
+    if name_or_path in GGUF_MODELS:  # a named GGUF model: converted once into $TULU_CACHE
+        return named_model_dir(name_or_path)
     path = Path(name_or_path)
     if path.is_dir():
         return path

@@ -11,6 +11,8 @@ Dropped flags, and why: `--use_lora False` and `--deepspeed_stage 3` describe wh
 """
 from __future__ import annotations
 
+import os
+
 RLVR_DATA = "allenai/RLVR-GSM-MATH-IF-Mixed-Constraints"
 
 _SFT_COMMON = ["--use_flash_attn", "--use_slow_tokenizer", "--max_seq_length", "4096",
@@ -31,7 +33,7 @@ _RLVR_COMMON = ["--dataset_mixer", f'{{"{RLVR_DATA}": 1.0}}', "--dataset_train_s
                 "--temperature", "1.0", "--ground_truths_key", "ground_truth", "--chat_template", "tulu",
                 "--sft_messages_key", "messages", "--penalty_reward_value", "-10.0", "--apply_verifiable_reward", "true",
                 "--reward_model_multiplier", "0.0", "--num_evals", "3", "--gradient_checkpointing", "--with_tracking",
-                # the original's defaults, where ours differ
+                # the original's values, stated so the run does not rest on our defaults
                 "--num_epochs", "4", "--number_samples_per_prompt", "1", "--eval_temperature", "1.0"]
 
 PRESETS: dict[str, dict] = {
@@ -77,13 +79,60 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# The embedded tiny model's tuned values. Every script's own defaults are the original's, which are safe
+# for a real model (an SFT learning rate of 3e-3 destroys a pretrained one in a step). These apply only
+# to the embedded default: when no --model_name_or_path is given (or it is tulu/tiny), or with
+# `--preset tiny` (the demo and the tests, whose later stages start from a tiny model's export).
+TINY_MODEL = "tulu/tiny"
+TINY: dict[str, list[str]] = {
+    "sft.py": ["--learning_rate", "3e-3", "--per_device_train_batch_size", "16", "--max_seq_length", "256"],
+    "dpo.py": ["--learning_rate", "2e-4", "--per_device_train_batch_size", "16", "--max_seq_length", "256",
+               "--warmup_ratio", "0.1", "--num_train_epochs", "1"],
+    "rm.py": ["--learning_rate", "1e-3", "--per_device_train_batch_size", "16", "--gradient_accumulation_steps",
+              "1", "--per_device_eval_batch_size", "16", "--max_token_length", "256",
+              "--max_prompt_token_length", "128"],
+    "rlvr.py": ["--learning_rate", "3e-4", "--response_length", "24", "--max_token_length", "512",
+                "--max_prompt_token_length", "256", "--total_episodes", "12800",
+                "--per_device_train_batch_size", "16", "--local_rollout_forward_batch_size", "32",
+                "--num_epochs", "1"],
+}
+
+
+def _model_flag(argv: list[str]) -> str | None:
+    """The last --model_name_or_path value in argv (either spelling), or None."""
+    value = None
+    for i, tok in enumerate(argv):
+        if tok == "--model_name_or_path" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif tok.startswith("--model_name_or_path="):
+            value = tok.split("=", 1)[1]
+    return value
+
+
+def expand_tiny(argv: list[str], script: str) -> tuple[list[str], str | None]:
+    """Prepend the tiny preset when it applies (flags given still override it); returns the new argv
+    and the startup line that says so, or (argv, None)."""
+    stage = os.path.basename(script)
+    if stage not in TINY:
+        return argv, None
+    i = argv.index("--preset") if "--preset" in argv else -1
+    asked = 0 <= i < len(argv) - 1 and argv[i + 1] == "tiny"
+    if asked:
+        argv = argv[:i] + argv[i + 2:]
+    elif i >= 0 or _model_flag(argv) not in (None, TINY_MODEL):
+        return argv, None
+    why = "--preset tiny" if asked else f"the embedded default model ({TINY_MODEL})"
+    return TINY[stage] + argv, (f"[tulu] {why}: the tiny model's preset {' '.join(TINY[stage])} (flags given "
+                                f"override it; with a real --model_name_or_path every default is the original's)")
+
+
 def expand(argv: list[str], script: str) -> tuple[list[str], dict | None]:
     """Replace `--preset NAME` in argv by the preset's flags (later flags still override)."""
     if "--preset" not in argv:
         return argv, None
     i = argv.index("--preset")
     if i + 1 >= len(argv) or argv[i + 1] not in PRESETS:
-        raise SystemExit(f"--preset needs one of: {', '.join(PRESETS)}")
+        raise SystemExit(f"--preset needs one of: tiny, {', '.join(PRESETS)}")
     preset = PRESETS[argv[i + 1]]
     if script.endswith(".py") and not script.endswith(preset["script"].split("/")[-1]):
         raise SystemExit(f"preset {argv[i + 1]} is for {preset['script']}, not {script}")
