@@ -142,7 +142,10 @@ def trl_worker(spec: dict) -> None:
                   gradient_accumulation_steps=spec["accum"], max_steps=spec["steps"], learning_rate=1e-4,
                   lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, logging_steps=10**6,
                   save_strategy="no", report_to=[], use_cpu=True, seed=42, dataloader_num_workers=0,
-                  max_length=spec["max_len"], disable_tqdm=True)
+                  max_length=spec["max_len"], disable_tqdm=True,
+                  # ours runs fp32 on CPU: TRL too. TRL 1.16's SFTConfig/DPOConfig default to bf16=True, which
+                  # with use_cpu means bf16 autocast, and on a CPU without native bf16 (AVX2) a crawl.
+                  bf16=False, fp16=False)
     if spec["kind"] == "sft":
         from trl import SFTConfig, SFTTrainer
 
@@ -229,7 +232,8 @@ def compare(kind: str, data: Path, n_rows: int, args: Args, trl_version: str | N
     print(f"\n### {name}\n")
     print(f"{args.rounds} interleaved rounds × {args.steps} steps, median over steps after {args.warmup} warm-up; "
           f"per-device batch {args.per_device_train_batch_size}, grad accum {args.gradient_accumulation_steps}, "
-          f"max length {args.max_seq_length}; {wall:.0f} s wall\n")
+          f"max length {args.max_seq_length}; {wall:.0f} s wall; dtypes: ours fp32 (auto on CPU), "
+          f"TRL fp32 (bf16=False, fp16=False)\n")
     print("| layout | ours tok/s | TRL tok/s | ours / TRL | ours padding frac | TRL padding frac | TRL tokens/step |")
     print("|---|---|---|---|---|---|---|")
     out = {}

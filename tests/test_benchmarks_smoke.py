@@ -65,3 +65,10 @@ def test_checkpoint_benchmark_round_trips_and_prints_its_table():
     assert "| size | params (M) | ranks | ckpt GB | save s |" in out
     row = table_rows(out, "tiny")[0]
     assert row[1] == "0.9" and row[2] == "1" and float(row[4]) > 0
+
+
+def test_lm_head_prints_both_stages_and_paths():
+    out = run_bench("benchmarks/lm_head.py", "--tokens", "256", "--vocab", "4096", "--layers", "1", "--hidden", "64",
+                    "--steps", "1", "--chunk", "64")
+    rows = {r[0]: r for r in table_rows(out, "SFT") + table_rows(out, "DPO")}
+    assert set(rows) == {"SFT", "DPO"} and all(len(r) == 7 for r in rows.values())

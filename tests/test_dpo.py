@@ -88,13 +88,15 @@ def _assert_matches(logged, ref, what):
 
 @pytest.mark.slow
 def test_cache_and_live_match_each_other_and_the_single_process_loop(tmp_path):
-    """dpo_norm, padded, 2 ranks x 2 pairs x GA 2: cache run, live run, independent loop; then the
-    cache is reused by a packed wpo run (one cache serves every loss type and layout)."""
+    """dpo_norm, padded, 2 ranks x 2 pairs x GA 2: cache run (chunked LM head), live run (full logits),
+    independent loop; then the cache is reused by a packed wpo run (one cache serves every loss type and
+    layout)."""
     flags = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
     cache = _run(tmp_path / "cache", *flags, "--packing", "False", "--reference_logprobs", "cache")
     assert "wrote reference log-prob cache for 160 pairs" in cache.stdout
     assert (tmp_path / "cache" / "reference_logprobs" / "train" / "COMPLETE").exists()
-    _run(tmp_path / "live", *flags, "--packing", "False", "--reference_logprobs", "live")
+    # the live run takes the full-logits path; every other run here, the chunked LM head (the default)
+    _run(tmp_path / "live", *flags, "--packing", "False", "--reference_logprobs", "live", "--chunked_lm_head", "False")
     got_cache, got_live = read_metrics(tmp_path / "cache"), read_metrics(tmp_path / "live")
     for a, b in zip(got_cache, got_live):
         for k in ("train/loss", "train/grad_norm", "train/rewards/margin", "train/logps/chosen"):

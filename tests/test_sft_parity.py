@@ -1,6 +1,6 @@
 """train/sft.py under torchrun (2 gloo ranks, FSDP2) against an independent single-process loop:
 loss curve and gradient norm per step, for each loss reduction, packed and padded, with CPU
-offload and activation checkpointing. fp32, tolerance 1e-5 (relative for the gradient norm)."""
+offload and activation checkpointing, through the chunked LM head (the default) and the full logits. fp32, tolerance 1e-5 (relative for the gradient norm)."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -18,6 +18,8 @@ CASES = {
     # sdpa fallback must keep packed documents apart, so the loss still equals the reference's
     "token_mean_packed_flash_fallback": ("token_mean", 4, 2, ["--packing", "True", "--use_flash_attn"]),
     "token_mean_padded_offload_ac": ("token_mean", 2, 2, ["--packing", "False", "--cpu_offload", "--gradient_checkpointing"]),
+    # the chunked LM head is the default; these run the model's full logits, the other path
+    "token_mean_packed_full_logits": ("token_mean", 4, 2, ["--packing", "True", "--chunked_lm_head", "False"]),
     "mean_b1_ga4": ("mean", 1, 4, ["--packing", "False"]),
     "sum_b1_ga4": ("sum", 1, 4, ["--packing", "False"]),
     "token_mean_b1_ga4": ("token_mean", 1, 4, ["--packing", "False"]),

@@ -92,6 +92,9 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     """Processes for tokenization (cached on disk, keyed by data, tokenizer, template and length)."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed rows instead of stopping with an error naming the row and field."""
+    chunked_lm_head: bool = True
+    """Sequence log-probs through the LM head a chunk of tokens at a time, recomputed in backward
+    (tulu/lm_head.py): the (tokens, vocab) logits are never built. False: the model's full logits."""
     # The optimizer flags keep the original's defaults (2e-5, warmup 0.03, 2 epochs, 8 pairs per device);
     # the Tulu 3 commands set 5e-7, warmup 0.1, 1 epoch, 128 pairs per step (presets tulu3_*_dpo).
     use_lora: bool = False
@@ -153,7 +156,7 @@ def main(args: Args) -> None:
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
 
     # ---- the reference: a cache scored by the initial policy itself, a live frozen copy, or nothing (simpo)
-    pad_id, flash = tokenizer.pad_token_id, args.use_flash_attn
+    pad_id, flash, chunked = tokenizer.pad_token_id, args.use_flash_attn, args.chunked_lm_head
     reference, tables = None, {}
     if use_cache:
         # The policy has not taken a step yet, so it IS the reference: scoring with it needs no second
@@ -161,12 +164,13 @@ def main(args: Args) -> None:
         # and the numerics; sums and averages are both stored, so every loss type reuses it.
         # A resumed run scores (or reuses) the cache here too: the checkpoint loads only further down.
         key = {"model": model_identity(model.name_or_path), "dtype": compute_dtype, "flash": flash,
-               "vocab": len(tokenizer)}
+               "vocab": len(tokenizer), "chunked_lm_head": chunked}
         for name, ds in (("train", data), ("eval", eval_data)):
             if ds is not None:
                 tables[name] = reference_cache(model, ds, Path(args.output_dir) / "reference_logprobs" / name,
                                                {**key, "data": data_identity(ds)}, d.rank, d.world,
-                                               args.per_device_train_batch_size, args.packing, pad_id, d.device, flash)
+                                               args.per_device_train_batch_size, args.packing, pad_id, d.device, flash,
+                                               chunked)
     elif loss_type.needs_reference:
         reference = build_model(args.model_name_or_path, d.device, frozen=True, **model_kw)
     else:
@@ -179,7 +183,7 @@ def main(args: Args) -> None:
         if reference is None:
             return None
         with torch.no_grad():
-            out = pair_logps(reference, batch, d.device, flash)
+            out = pair_logps(reference, batch, d.device, flash, chunked)
         reshard(reference)  # a no-grad forward leaves FSDP units unsharded (cpu_environment.md §2)
         return out
 
@@ -202,7 +206,8 @@ def main(args: Args) -> None:
 
     def run_eval(step: int) -> None:
         out = evaluate(model, eval_data, lambda idxs, batch: reference_logps("eval", idxs, batch), loss_kw,
-                       d.rank, d.world, args.per_device_train_batch_size, args.packing, pad_id, d.device, flash)
+                       d.rank, d.world, args.per_device_train_batch_size, args.packing, pad_id, d.device, flash,
+                       chunked)
         eval_log.log(step, out)
         if d.is_main:
             (Path(args.output_dir) / "eval_results.json").write_text(json.dumps({"step": step, **out}, indent=1))
@@ -226,7 +231,7 @@ def main(args: Args) -> None:
                                 args.gradient_accumulation_steps, args.packing, capacity)
         for mb in mbs:
             batch = collate_pairs(data.rows(mb), pad_id, args.packing)
-            policy = pair_logps(model, batch, d.device, flash)  # (B,) x 4, one forward for chosen and rejected
+            policy = pair_logps(model, batch, d.device, flash, chunked)  # (B,) x 4: chosen and rejected, one forward
             loss, m = pair_loss(policy=policy, reference=reference_logps("train", mb, batch), **loss_kw)
             # This micro-batch's share of the step's mean over G pairs; FSDP averages over ranks, so ×world.
             # G is fixed (step_samples wraps), so no count collective is needed before backward.

@@ -204,6 +204,9 @@ class Args(LogArgs, PlanArgs):
     """mis / icepop: tokens whose ratio π_old/π_engine is outside [low, high] are masked."""
     use_vllm_logprobs: bool = False
     """Use the engine's log-probs as π_old instead of recomputing them (one forward fewer per step)."""
+    chunked_lm_head: bool = True
+    """Response log-probs through the LM head a chunk of tokens at a time, recomputed in backward
+    (tulu/lm_head.py): the (tokens, vocab) logits are never built. False: the model's full logits."""
     # --- optimization
     learning_rate: float = 2e-5
     """AdamW learning rate of the policy and the value model (the original's default; Tulu 3 8B: 3e-7;
@@ -393,6 +396,7 @@ def main(args: Args) -> None:
     probe = [data.ds[i]["input_ids"] for i in range(min(4, len(data)))]  # a fixed batch, every check
     probe_params = SamplingParams(n=1, temperature=args.temperature, max_tokens=min(16, args.response_length),
                                   stop_token_ids=stop_ids, stop_at_eos=True, seed=args.seed)
+    chunked = args.chunked_lm_head  # every learner-side log-prob: old, reference, new, the sync probe
     metrics = Metrics(args.output_dir, d.is_main, d.device, start_tracker(args, dataclasses.asdict(args)))
     print0(f"[rlvr] {args.algo}: {len(data)} prompts, {total_steps} steps of {rollout_batch_size} prompts x {n} "
            f"samples, {num_mini_batches} minibatch(es) x {grad_accum} micro-batches x {args.num_epochs} epoch(s), "
@@ -451,8 +455,9 @@ def main(args: Args) -> None:
             chunks = [slice(i, i + args.local_rollout_forward_batch_size) for i in range(0, B, args.local_rollout_forward_batch_size)]
             engine_lp = engine_lp.to(d.device).masked_fill(~resp_mask, INVALID_LOGPROB)  # (B, R)
             old_lp = engine_lp if args.use_vllm_logprobs else torch.cat(
-                [response_logprobs(policy, batch, c, d.device, args.temperature) for c in chunks])  # (B, R)
-            ref_lp = torch.cat([response_logprobs(ref, batch, c, d.device, args.temperature) for c in chunks]) if ref is not None else old_lp
+                [response_logprobs(policy, batch, c, d.device, args.temperature, chunked) for c in chunks])  # (B, R)
+            ref_lp = torch.cat([response_logprobs(ref, batch, c, d.device, args.temperature, chunked)
+                                for c in chunks]) if ref is not None else old_lp
             old_values = torch.cat([response_values(value, batch, c, d.device) for c in chunks]) if value is not None else None
             rm = torch.cat([sequence_scores(reward_model, batch, c, d.device) for c in chunks]) if reward_model is not None else None
         for m in (policy, ref, value, reward_model):
@@ -497,7 +502,7 @@ def main(args: Args) -> None:
                     tokens = all_reduce(loss_mask[mb].sum().float())  # ranks' gradients are averaged
                     cfg, divisor = dataclasses.replace(loss_cfg, global_tokens=tokens.clamp(min=1) / d.world), 1
                 for micro in mb.split(args.per_device_train_batch_size):
-                    new_lp = response_logprobs(policy, batch, micro, d.device, args.temperature)  # (b, R)
+                    new_lp = response_logprobs(policy, batch, micro, d.device, args.temperature, chunked)  # (b, R)
                     pg_loss, pm = algo.policy_loss(new_lp, old_lp[micro], ref_lp[micro], advantages[micro],
                                                    loss_mask[micro], cfg, is_weights[micro])
                     (pg_loss / divisor).backward()
@@ -524,7 +529,7 @@ def main(args: Args) -> None:
         sync.push(policy, version=step + 1)
         if check_every and (step + 1) % check_every == 0:  # the engines now hold the trainer's weights
             gaps = engine_sync_gaps(pool, d.is_main, policy, probe, probe_params, tokenizer.pad_token_id, d.device,
-                                    args.temperature)
+                                    args.temperature, chunked)
             check_engines_in_sync(gaps, check_tol, step + 1)  # raises, naming the engines, the gap and the step
             metrics.add("debug/sync_check_gap", max(gaps.values()))
         t_sync = time.perf_counter() - t_sync

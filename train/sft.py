@@ -25,7 +25,9 @@ from tulu.checkpoint import export_hf
 from tulu.data import build_sft_data, epoch_permutation, rank_microbatches, step_samples
 from tulu.dist import all_reduce, entrypoint, init_dist, print0, shutdown
 from tulu.fsdp import resolve_compute_dtype
-from tulu.losses import sft_loss
+from tulu.chat import IGNORE_INDEX
+from tulu.lm_head import head_logprobs
+from tulu.losses import sft_loss, sft_loss_from_logprobs
 from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
 from tulu.model import build_model, flash_attn_or_fallback, load_tokenizer
@@ -56,6 +58,9 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     """Processes for tokenization (cached on disk, keyed by data, tokenizer, template and length)."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed rows instead of stopping with an error naming the row and field."""
+    chunked_lm_head: bool = True
+    """Cross-entropy through the LM head a chunk of tokens at a time, recomputed in backward
+    (tulu/lm_head.py): the (tokens, vocab) logits are never built. False: the model's full logits."""
 
 
 def plan(args: Args, mixer: dict) -> None:
@@ -131,8 +136,15 @@ def main(args: Args) -> None:
         # mean: average over the micro-batches actually run; sum: the original's fixed 1/(GA·W).
         grad_accum = len(batches) if args.reduce_loss == "mean" else args.gradient_accumulation_steps
         for batch in batches:
-            logits = model(**model_inputs(batch, d.device, args.use_flash_attn)).logits  # (B, T, V)
-            loss, m = sft_loss(logits, batch["labels"].to(d.device), args.reduce_loss, grad_accum, d.world, global_tokens)
+            inputs, labels = model_inputs(batch, d.device, args.use_flash_attn), batch["labels"].to(d.device)
+            if args.chunked_lm_head:  # targets[:, t] = the token after t: the shift happens here
+                targets = torch.cat([labels[:, 1:], labels.new_full((len(labels), 1), IGNORE_INDEX)], dim=1)
+                token_logps, _ = head_logprobs(model, inputs, targets)  # (B, T) fp32
+                loss, m = sft_loss_from_logprobs(token_logps, targets, args.reduce_loss, grad_accum, d.world,
+                                                 global_tokens)
+            else:
+                logits = model(**inputs).logits  # (B, T, V)
+                loss, m = sft_loss(logits, labels, args.reduce_loss, grad_accum, d.world, global_tokens)
             loss.backward()
             metrics.add("train/loss", loss.detach() * len(batches))  # averaged over micro-batches: = their sum
             metrics.add("train/ce_sum", m["ce_sum"])

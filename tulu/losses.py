@@ -41,7 +41,18 @@ def sft_loss(
     shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B·(T-1), V)
     shift_labels = labels[:, 1:].flatten()  # (B·(T-1),)
     ce_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")  # ()
-    n_tokens = (shift_labels != IGNORE_INDEX).sum()  # ()
+    return _sft_reduce(ce_sum, (shift_labels != IGNORE_INDEX).sum(), reduce_loss, grad_accum, world, global_tokens)
+
+
+def sft_loss_from_logprobs(token_logps: torch.Tensor, targets: torch.Tensor, reduce_loss: str, grad_accum: int,
+                           world: int, global_tokens: torch.Tensor | float):
+    """sft_loss from per-position log-probs of the next token (tulu.lm_head, which never builds the
+    logits): token_logps (B, T) fp32, 0 where targets (B, T) is IGNORE_INDEX. Same reductions."""
+    return _sft_reduce(-token_logps.sum(), (targets != IGNORE_INDEX).sum(), reduce_loss, grad_accum, world,
+                       global_tokens)
+
+
+def _sft_reduce(ce_sum, n_tokens, reduce_loss, grad_accum, world, global_tokens):
     if reduce_loss == "mean":
         loss = ce_sum / n_tokens.clamp(min=1) / grad_accum
     elif reduce_loss == "sum":

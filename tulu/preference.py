@@ -24,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tulu.chat import IGNORE_INDEX, DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import all_reduce, barrier, print0
 from tulu.fsdp import reshard
+from tulu.lm_head import head_logprobs
 from tulu.ops import logprobs_from_logits, sequence_logps
 from tulu.packing import model_inputs, pack, pad
 
@@ -109,15 +111,19 @@ def collate_pairs(rows: list[dict], pad_id: int, packed: bool) -> dict:
     return batch
 
 
-def pair_logps(model, batch: dict, device: torch.device, flash: bool = False) -> dict[str, torch.Tensor]:
+def pair_logps(model, batch: dict, device: torch.device, flash: bool = False,
+               chunked: bool = False) -> dict[str, torch.Tensor]:
     """Summed and token-averaged log-probs of every sequence of a collated pair batch, one forward.
 
     Returns {"chosen", "rejected", "chosen_avg", "rejected_avg"}: (B,) each, fp32. The log-softmax is
-    taken in fp32 a few rows at a time (tulu.ops.logprobs_from_logits), never as a full fp32 (B, T, V).
+    taken in fp32 a few rows at a time (tulu.ops.logprobs_from_logits), never as a full fp32 (B, T, V);
+    chunked: through the LM head a chunk of tokens at a time (tulu.lm_head), never building the logits.
     """
-    logits = model(**model_inputs(batch, device, flash)).logits  # (2B, L, V) or (1, N, V)
-    labels = batch["labels"][:, 1:].to(device)  # (R, T-1)
-    token_logps = logprobs_from_logits(logits[:, :-1], labels)  # (R, T-1) fp32
+    inputs, labels = model_inputs(batch, device, flash), batch["labels"][:, 1:].to(device)  # labels (R, T-1)
+    if chunked:  # the last position predicts nothing
+        token_logps = head_logprobs(model, inputs, F.pad(labels, (0, 1), value=IGNORE_INDEX))[0][:, :-1]
+    else:
+        token_logps = logprobs_from_logits(model(**inputs).logits[:, :-1], labels)  # (R, T-1) fp32
     mask = labels != IGNORE_INDEX  # (R, T-1)
     n = 2 * batch["pairs"]
     seg = {}
@@ -166,7 +172,7 @@ def model_identity(path: str | Path) -> list:
 @torch.no_grad()
 def reference_cache(model, data: TokenizedData, cache_dir: str | Path, key: dict, rank: int, world: int,
                     per_device: int, packed: bool, pad_id: int, device: torch.device,
-                    flash: bool = False) -> torch.Tensor:
+                    flash: bool = False, chunked: bool = False) -> torch.Tensor:
     """Reference log-probs of every example, (N, 4) fp32 rows [chosen, rejected, chosen_avg, rejected_avg].
 
     Reused when cache_dir/manifest.json holds the same `key` and the COMPLETE marker exists; otherwise
@@ -190,7 +196,7 @@ def reference_cache(model, data: TokenizedData, cache_dir: str | Path, key: dict
         model.eval()
         idx, rows = [], []
         for mb in shard_batches(len(data), rank, world, per_device):
-            out = pair_logps(model, collate_pairs(data.rows(mb), pad_id, packed), device, flash)
+            out = pair_logps(model, collate_pairs(data.rows(mb), pad_id, packed), device, flash, chunked)
             if mb:
                 idx += mb
                 rows.append(torch.stack([out[k] for k in LOGP_KEYS], 1).cpu())
@@ -236,7 +242,8 @@ def pair_loss(loss_type, policy: dict, reference: dict | None, beta: float, gamm
 
 @torch.no_grad()
 def evaluate(model, data: TokenizedData, reference_fn, loss_kw: dict, rank: int, world: int, per_device: int,
-             packed: bool, pad_id: int, device: torch.device, flash: bool = False) -> dict[str, float]:
+             packed: bool, pad_id: int, device: torch.device, flash: bool = False,
+             chunked: bool = False) -> dict[str, float]:
     """Pair-weighted means of the loss metrics over the whole held-out set, across ranks (collective).
 
     reference_fn(idxs, batch) -> reference log-probs of those pairs (a cache lookup or a live forward).
@@ -246,7 +253,8 @@ def evaluate(model, data: TokenizedData, reference_fn, loss_kw: dict, rank: int,
     sums: dict[str, torch.Tensor] = {}
     for mb in shard_batches(len(data), rank, world, per_device):
         batch = collate_pairs(data.rows(mb), pad_id, packed)
-        _, m = pair_loss(policy=pair_logps(model, batch, device, flash), reference=reference_fn(mb, batch), **loss_kw)
+        policy = pair_logps(model, batch, device, flash, chunked)
+        _, m = pair_loss(policy=policy, reference=reference_fn(mb, batch), **loss_kw)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v.float() * len(mb)
     reshard(model)

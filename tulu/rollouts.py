@@ -14,6 +14,7 @@ from tulu.chat import DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import broadcast_object
 from tulu.fsdp import reshard
+from tulu.lm_head import head_logprobs
 from tulu.ops import logprobs_from_logits
 from tulu.verifiers import check_ground_truth, verify_batch
 
@@ -97,14 +98,22 @@ def forward_inputs(batch: dict, rows, device: torch.device) -> dict:
             "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0).to(device)}
 
 
-def response_logprobs(model, batch: dict, rows, device: torch.device, temperature: float) -> torch.Tensor:
+def response_logprobs(model, batch: dict, rows, device: torch.device, temperature: float,
+                      chunked: bool = False) -> torch.Tensor:
     """log π(response token) under the sampling temperature, (b, R) fp32; INVALID_LOGPROB on padding.
-    The original divides logits by (temperature + 1e-7)."""
+    The original divides logits by (temperature + 1e-7). chunked: through the LM head a chunk of
+    tokens at a time (tulu.lm_head), with no logits computed for prompt or padding positions."""
     Q = batch["context_length"]
-    logits = model(**forward_inputs(batch, rows, device)).logits[:, Q - 1:-1]  # (b, R, V)
-    targets = batch["query_response"][rows, Q:].masked_fill(~batch["response_mask"][rows], 0).to(device)  # (b, R)
-    lp = logprobs_from_logits(logits, targets, temperature + 1e-7)  # (b, R)
-    return lp.masked_fill(~batch["response_mask"][rows].to(device), INVALID_LOGPROB)
+    inputs, resp_mask = forward_inputs(batch, rows, device), batch["response_mask"][rows].to(device)  # mask (b, R)
+    if chunked:  # position t predicts token t + 1: the response's targets sit at positions Q-1 .. L-2
+        targets = torch.full_like(inputs["input_ids"], -100)  # (b, L)
+        targets[:, Q - 1:-1] = batch["query_response"][rows, Q:].to(device).masked_fill(~resp_mask, -100)
+        lp = head_logprobs(model, inputs, targets, temperature + 1e-7)[0][:, Q - 1:-1]  # (b, R)
+    else:
+        logits = model(**inputs).logits[:, Q - 1:-1]  # (b, R, V)
+        targets = batch["query_response"][rows, Q:].to(device).masked_fill(~resp_mask, 0)  # (b, R)
+        lp = logprobs_from_logits(logits, targets, temperature + 1e-7)  # (b, R)
+    return lp.masked_fill(~resp_mask, INVALID_LOGPROB)
 
 
 def response_values(value_model, batch: dict, rows, device: torch.device) -> torch.Tensor:
@@ -156,7 +165,7 @@ class EngineOutOfSync(RuntimeError):
 
 @torch.no_grad()
 def engine_sync_gaps(pool, is_main: bool, model, prompts: list[list[int]], params, pad_id: int,
-                     device: torch.device, temperature: float) -> dict[str, float]:
+                     device: torch.device, temperature: float, chunked: bool = False) -> dict[str, float]:
     """Every rank: each engine samples `prompts` (rank 0 asks every engine on its own), the trainer
     scores the same tokens, and the mean |Δ log p| per sampled token is returned per engine name."""
     sampled = None
@@ -173,7 +182,7 @@ def engine_sync_gaps(pool, is_main: bool, model, prompts: list[list[int]], param
             engine[b, :len(g[0][1])] = torch.tensor(g[0][1][:params.max_tokens])
         batch = rollout_batch(prompts, responses, pad_id, params.max_tokens)
         with torch.no_grad():  # a graph left behind here would hold FSDP's unsharded params into the next step
-            mine = response_logprobs(model, batch, slice(None), device, temperature).cpu()  # (B, R)
+            mine = response_logprobs(model, batch, slice(None), device, temperature, chunked).cpu()  # (B, R)
         mask = batch["response_mask"]
         gaps[name] = float(((mine - engine).abs() * mask).sum() / mask.sum().clamp(min=1))
     reshard(model)
