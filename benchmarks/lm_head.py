@@ -26,18 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def one(stage: str, chunked: bool, a) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from tulu.lm_head import head_logprobs
+    from checkpoint import _status_kib  # benchmarks/ is this script's folder: /proc/self/status fields
+    from tulu.lm_head import head_logprobs, next_token_targets
     from tulu.losses import dpo_loss, sft_loss, sft_loss_from_logprobs
     from tulu.preference import collate_pairs, pair_logps
     from tulu.tiny import tiny_config
@@ -51,7 +45,7 @@ def one(stage: str, chunked: bool, a) -> dict:
         ids = torch.randint(3, a.vocab, (1, T))
         labels = ids.clone()
         labels[:, : T // 4] = -100  # a prompt
-        targets = torch.cat([labels[:, 1:], torch.full((1, 1), -100)], dim=1)
+        targets = next_token_targets(labels)
         n = float((targets != -100).sum())
 
         def step():

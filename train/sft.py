@@ -25,8 +25,7 @@ from tulu.checkpoint import export_hf
 from tulu.data import build_sft_data, epoch_permutation, rank_microbatches, step_samples
 from tulu.dist import all_reduce, entrypoint, init_dist, print0, shutdown
 from tulu.fsdp import resolve_compute_dtype
-from tulu.chat import IGNORE_INDEX
-from tulu.lm_head import head_logprobs
+from tulu.lm_head import head_logprobs, next_token_targets
 from tulu.losses import sft_loss, sft_loss_from_logprobs
 from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
 from tulu.mixer import parse_mixer
@@ -138,7 +137,7 @@ def main(args: Args) -> None:
         for batch in batches:
             inputs, labels = model_inputs(batch, d.device, args.use_flash_attn), batch["labels"].to(d.device)
             if args.chunked_lm_head:  # targets[:, t] = the token after t: the shift happens here
-                targets = torch.cat([labels[:, 1:], labels.new_full((len(labels), 1), IGNORE_INDEX)], dim=1)
+                targets = next_token_targets(labels)
                 token_logps, _ = head_logprobs(model, inputs, targets)  # (B, T) fp32
                 loss, m = sft_loss_from_logprobs(token_logps, targets, args.reduce_loss, grad_accum, d.world,
                                                  global_tokens)

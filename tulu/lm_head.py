@@ -21,6 +21,8 @@ import contextlib
 
 import torch
 
+from tulu.chat import IGNORE_INDEX
+
 DEFAULT_CHUNK = 512  # tokens per block: one (512, 128256) fp32 block is 0.26 GB; a 4,096-token row's logits 2.1 GB
 
 
@@ -32,11 +34,10 @@ def _chunk_logp(h: torch.Tensor, weight: torch.Tensor, inv_t: float) -> torch.Te
     return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
 
 
-def _pick(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1)  # (n,)
-
-
 class _ChunkedLogprobs(torch.autograd.Function):
+    """Over the K positions that predict a token: targets (K,) are all valid (chunked_logprobs drops
+    the ignored ones before it gets here)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy):
         inv_t = 1.0 / temperature
@@ -45,11 +46,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ent = hidden.new_zeros(n if with_entropy else 0, dtype=torch.float32)  # (N,) or (0,)
         for lo in range(0, n, chunk):
             logp = _chunk_logp(hidden[lo:lo + chunk], weight, inv_t)  # (n, V)
-            out[lo:lo + chunk] = _pick(logp, targets[lo:lo + chunk])
+            out[lo:lo + chunk] = logp.gather(-1, targets[lo:lo + chunk, None]).squeeze(-1)
             if with_entropy:
                 ent[lo:lo + chunk] = -(logp.exp() * logp).sum(-1)
             del logp
-        out = out.masked_fill(targets < 0, 0.0)  # ignored positions: log-prob 0, no gradient
         ctx.save_for_backward(hidden, weight, targets)
         ctx.inv_t, ctx.chunk, ctx.with_entropy = inv_t, chunk, with_entropy
         return out, ent
@@ -60,10 +60,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
         inv_t, chunk = ctx.inv_t, ctx.chunk
         grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        g_all = grad_out.masked_fill(targets < 0, 0.0)  # (N,)
         entropy_grad = ctx.with_entropy and grad_ent is not None
         for lo in range(0, hidden.shape[0], chunk):
-            h, y, g = hidden[lo:lo + chunk], targets[lo:lo + chunk], g_all[lo:lo + chunk, None]  # g (n, 1)
+            h, y, g = hidden[lo:lo + chunk], targets[lo:lo + chunk], grad_out[lo:lo + chunk, None]  # g (n, 1)
             logp = _chunk_logp(h, weight, inv_t)  # (n, V)
             p = logp.exp()  # (n, V)
             if entropy_grad:  # dz = p·(−g − e·(log p + H)), formed in logp's buffer, then p's
@@ -72,7 +71,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             else:
                 p.mul_(-g)  # dz = −g·p
             del logp
-            dz = p.scatter_add_(-1, y.clamp(min=0)[:, None], g)  # + g·onehot(y)
+            dz = p.scatter_add_(-1, y[:, None], g)  # + g·onehot(y)
             if inv_t != 1.0:
                 dz.mul_(inv_t)
             if grad_h is not None:
@@ -100,6 +99,12 @@ def chunked_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     zeros = hidden.new_zeros(flat_t.shape[0], dtype=torch.float32)  # (N,)
     lp = zeros.index_copy(0, keep, lp_k).view(targets.shape)
     return lp, (zeros.index_copy(0, keep, ent_k).view(targets.shape) if with_entropy else None)
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T) targets aligned with positions: targets[:, t] = labels[:, t + 1], and the
+    last position, which predicts nothing, is ignored."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 @contextlib.contextmanager

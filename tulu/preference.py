@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tulu.chat import IGNORE_INDEX, DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import all_reduce, barrier, print0
 from tulu.fsdp import reshard
-from tulu.lm_head import head_logprobs
+from tulu.lm_head import head_logprobs, next_token_targets
 from tulu.ops import logprobs_from_logits, sequence_logps
 from tulu.packing import model_inputs, pack, pad
 
@@ -121,7 +120,7 @@ def pair_logps(model, batch: dict, device: torch.device, flash: bool = False,
     """
     inputs, labels = model_inputs(batch, device, flash), batch["labels"][:, 1:].to(device)  # labels (R, T-1)
     if chunked:  # the last position predicts nothing
-        token_logps = head_logprobs(model, inputs, F.pad(labels, (0, 1), value=IGNORE_INDEX))[0][:, :-1]
+        token_logps = head_logprobs(model, inputs, next_token_targets(batch["labels"].to(device)))[0][:, :-1]
     else:
         token_logps = logprobs_from_logits(model(**inputs).logits[:, :-1], labels)  # (R, T-1) fp32
     mask = labels != IGNORE_INDEX  # (R, T-1)

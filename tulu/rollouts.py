@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from tulu.chat import DataError, check_messages, encode, render
+from tulu.chat import IGNORE_INDEX, DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import broadcast_object
 from tulu.fsdp import reshard
@@ -106,8 +106,8 @@ def response_logprobs(model, batch: dict, rows, device: torch.device, temperatur
     Q = batch["context_length"]
     inputs, resp_mask = forward_inputs(batch, rows, device), batch["response_mask"][rows].to(device)  # mask (b, R)
     if chunked:  # position t predicts token t + 1: the response's targets sit at positions Q-1 .. L-2
-        targets = torch.full_like(inputs["input_ids"], -100)  # (b, L)
-        targets[:, Q - 1:-1] = batch["query_response"][rows, Q:].to(device).masked_fill(~resp_mask, -100)
+        targets = torch.full_like(inputs["input_ids"], IGNORE_INDEX)  # (b, L)
+        targets[:, Q - 1:-1] = batch["query_response"][rows, Q:].to(device).masked_fill(~resp_mask, IGNORE_INDEX)
         lp = head_logprobs(model, inputs, targets, temperature + 1e-7)[0][:, Q - 1:-1]  # (b, R)
     else:
         logits = model(**inputs).logits[:, Q - 1:-1]  # (b, R, V)
