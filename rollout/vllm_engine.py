@@ -65,6 +65,15 @@ def reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
             loaded = model.load_weights(weights)
         finally:
             finalize_layerwise_reload(model, worker.model_config)
+        # Tied embeddings: lm_head.weight *is* embed_tokens.weight, so it holds the new values, but the
+        # checkpoint format has no lm_head tensor and the reload skips that layer ("ParallelLMHead: Failed
+        # to load weights"). On CPU its processing made a packed copy for the GEMM at start-up
+        # (dispatch_cpu_unquantized_gemm), which would stay the checkpoint's: the logits would come from
+        # the old head. Redo the head's processing from the shared tensor (a no-op on GPU).
+        head = getattr(model, "lm_head", None)
+        if getattr(worker.model_config.hf_config, "tie_word_embeddings", False) and head is not None \
+                and hasattr(head, "quant_method"):
+            head.quant_method.process_weights_after_loading(head)
     missing = expected - set(loaded or ())
     if missing:
         raise RuntimeError(f"vLLM reload: {len(missing)} parameter(s) received no weights and would keep their old "

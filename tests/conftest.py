@@ -60,3 +60,25 @@ def sft_tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stages") / "sft"
     torchrun("train/sft.py", ["--output_dir", str(out), "--logging_steps", "10"], timeout=900)
     return out
+
+
+def write_tied_tiny(dst: Path) -> Path:
+    """The tiny model with tied embeddings (lm_head = embed_tokens, as SmolLM2, Qwen2-0.5B and Llama 3.2
+    1B/3B have), its other weights the tiny model's, saved with the tiny tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tulu.tiny import tiny_dir
+
+    config = AutoConfig.from_pretrained(tiny_dir())
+    config.tie_word_embeddings = True
+    model = AutoModelForCausalLM.from_config(config)
+    state = AutoModelForCausalLM.from_pretrained(tiny_dir()).state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k != "lm_head.weight"}, strict=False)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(tiny_dir()).save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tied_tiny(tmp_path_factory) -> Path:
+    return write_tied_tiny(tmp_path_factory.mktemp("tied") / "tiny-tied")

@@ -177,7 +177,9 @@ def test_pool_order_remote_attach_timeout_and_dead_engine(engine, tmp_path):
         big = [[2, 5 + i, 9] for i in range(16)]
         long = SamplingParams(temperature=1.0, max_tokens=300, seed=0, stop_token_ids=())
         with pytest.raises(EngineTimeout, match="engine-0"):
-            pool.generate(big, replace(long, max_tokens=100), timeout_s=0.2)
+            # 1,000 sequential decode steps cannot finish in 50 ms, however fast the machine (CI's
+            # finished 16 x 100 tokens inside 0.2 s).
+            pool.generate(big, replace(long, max_tokens=1000), timeout_s=0.05)
 
         victim = pool.engines[0].proc.pid
         # Long enough that the kill lands mid-generate even on an idle machine (64 x 1000 tokens).

@@ -3,6 +3,7 @@
     python tests/scripts/rollout_sync_check.py --engines 1                       # world of one
     torchrun --standalone --nproc_per_node 2 tests/scripts/rollout_sync_check.py --engines 2
     ... --engine vllm --tol 1e-3                                                 # on a GPU
+    ... --model DIR                           # another model folder (tests: a tied-embedding copy)
 
 Checks, in one launch: engines that loaded the checkpoint are stale after a training step (the
 check can fail); after a push their sampled tokens' log-probs equal the trainer's (fp32, ≤ tol) and
@@ -62,14 +63,15 @@ def main() -> None:
     p.add_argument("--engine", default="torch")
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--sync-backend", default=None, help="gloo|nccl (default: nccl on GPU); gloo when trainer and engine share one GPU")
+    p.add_argument("--model", default=None, help="model folder (default: the tiny model)")
     p.add_argument("--bucket-mb", type=float, default=0.25)  # small: the tiny model spans several buckets
     args = p.parse_args()
     d = init_dist()
     torch.set_num_threads(1)  # tiny model: more threads only contend with the engines for 2 cores
-    model = build_model(TINY_NAME, d.device, compute_dtype="fp32")
+    model = build_model(args.model or TINY_NAME, d.device, compute_dtype="fp32")
     opt = build_optimizer(model, lr=1e-2)
     engine_args = ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3"] if args.engine == "vllm" else []
-    pool = (EnginePool.start(str(tiny_dir()), args.engines, engine=args.engine, threads=1, engine_args=engine_args,
+    pool = (EnginePool.start(args.model or str(tiny_dir()), args.engines, engine=args.engine, threads=1, engine_args=engine_args,
                              start_timeout_s=600, timeout_s=120) if d.is_main else None)
     sync = WeightSync(pool, backend=args.sync_backend, bucket_mb=args.bucket_mb, timeout_s=120)
     prompts = [[2, 20 + i, 31, 42, 53 + i][: 3 + i % 3] for i in range(6)]
