@@ -42,3 +42,20 @@ def test_preset_dry_run_plans_at_real_scale(name):
     assert abs(printed - plan.model_state_bytes / GiB) < 0.01, (printed, plan.model_state_bytes / GiB)
     if "rlvr" in name:
         assert "value" in out and "reference (frozen)" in out and "optimizer steps" in out
+        assert "engine memory / GPU" in out and "KV cache" in out
+    # the whole-job peak (tulu/activations.py, checked against measured peaks in test_activations.py):
+    # every seed command fits an 80 GB GPU, as the original runs did on H100s
+    peak = re.search(r"peak / rank +([0-9.]+) GiB \(at the (.+?)\): (fits|does NOT fit)", out)
+    assert peak and peak.group(3) == "fits" and float(peak.group(1)) > (0 if offload else printed), out[-2000:]
+
+
+@pytest.mark.slow
+def test_dry_run_names_the_flag_that_makes_it_fit():
+    """8B SFT with 4 rows of 4,096 tokens per rank and no activation checkpointing needs ~109 GiB
+    (saved activations ~26 GiB per row); with checkpointing it fits, and the plan says so."""
+    proc = subprocess.run([sys.executable, str(REPO / "train/sft.py"), "--preset", "tulu3_8b_sft",
+                           "--per_device_train_batch_size", "4", "--dry_run"], cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "does NOT fit an 80 GB GPU" in proc.stdout and "to fit                       --gradient_checkpointing (" \
+        in proc.stdout, proc.stdout[-1500:]

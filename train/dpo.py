@@ -103,7 +103,7 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
 
 def plan(args: Args, mixer: dict) -> None:
     """--dry_run: the schedule and per-rank memory at --dry_run_world_size, then exit."""
-    from tulu.plan import count_rows, default_world, print_plan, steps_line
+    from tulu.plan import StepPlan, count_rows, default_world, print_plan, steps_line
 
     world = default_world(args.preset, args.dry_run_world_size)
     G = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
@@ -117,8 +117,12 @@ def plan(args: Args, mixer: dict) -> None:
     models = {"policy": (args.model_name_or_path, "causal_lm", True)}
     if needs_ref and args.reference_logprobs == "live":
         models["reference (frozen)"] = (args.model_name_or_path, "causal_lm", False)
+    # a micro-batch holds each pair's chosen and rejected rows
+    step = StepPlan(args.max_seq_length and 2 * args.per_device_train_batch_size * args.max_seq_length,
+                    checkpointing=args.gradient_checkpointing, chunked=args.chunked_lm_head,
+                    repeat_kv=not args.use_flash_attn, compute_bytes=4 if args.mixed_precision == "fp32" else 2)
     print_plan(f"dpo ({args.dpo_loss_type})", world=world, preset=args.preset, cpu_offload=args.cpu_offload,
-               lines=lines, models=models)
+               lines=lines, models=models, step=step)
 
 
 @entrypoint  # one rank's crash: its traceback shown once, every rank stopped

@@ -255,7 +255,7 @@ def load_mixer(json_form: str | None, list_form: list[str] | None, default: dict
 
 def plan(args: Args, train_mix: dict) -> None:
     """--dry_run: the schedule and per-rank memory of every model at --dry_run_world_size, then exit."""
-    from tulu.plan import count_rows, default_world, print_plan
+    from tulu.plan import StepPlan, count_rows, default_world, print_plan
 
     world = default_world(args.preset, args.dry_run_world_size)
     n = args.number_samples_per_prompt
@@ -279,8 +279,14 @@ def plan(args: Args, train_mix: dict) -> None:
         models["value"] = (args.value_model_path or args.reward_model_path or args.model_name_or_path, "reward", True)
     if args.reward_model_multiplier != 0:
         models["reward model (frozen)"] = (args.reward_model_path, "reward", False)
+    length = args.max_prompt_token_length and args.max_prompt_token_length + args.response_length
+    step = StepPlan(length and args.per_device_train_batch_size * length,
+                    forward_tokens=length and args.local_rollout_forward_batch_size * length,
+                    checkpointing=args.gradient_checkpointing, chunked=args.chunked_lm_head,
+                    compute_bytes=4 if args.mixed_precision == "fp32" else 2,
+                    engine=length and (prompts * n // args.vllm_num_engines, length, args.vllm_tensor_parallel_size))
     print_plan(f"rlvr ({args.algo})", world=world, preset=args.preset, cpu_offload=args.cpu_offload,
-               lines=lines, models=models)
+               lines=lines, models=models, step=step)
 
 
 @entrypoint  # one rank's crash: its traceback shown once, every rank stopped
@@ -548,6 +554,7 @@ def main(args: Args) -> None:
         # MFU of this trainer device over the whole step: trained models ran forward+backward num_epochs
         # times, and every model scored the batch once (generation runs on the engines, not counted).
         L, tokens = batch["query_response"].shape[1], int(batch["attention_mask"].sum())
+        metrics.add("perf/batch_tokens", tokens)  # this rank's non-pad tokens (prompt + response), mean over ranks
         extra.update(mfu([(tokens * args.num_epochs, model_flops_per_token(m, L)) for m in trained.values()],
                          [(tokens, model_flops_per_token(m, L)) for m in (policy, ref, value, reward_model) if m is not None],
                          step_s, peak))

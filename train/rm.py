@@ -98,7 +98,7 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
 
 def plan(args: Args, mixer: dict) -> None:
     """--dry_run: the schedule and per-rank memory at --dry_run_world_size, then exit."""
-    from tulu.plan import count_rows, default_world, print_plan, steps_line
+    from tulu.plan import StepPlan, count_rows, default_world, print_plan, steps_line
 
     world = default_world(args.preset, args.dry_run_world_size)
     G = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
@@ -107,8 +107,11 @@ def plan(args: Args, mixer: dict) -> None:
     lines = [("global batch", f"{G} pairs ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
                               f"x {world} ranks)"), ("tokens / step (at most)", 2 * G * (args.max_token_length or 0)),
              *schedule]
+    step = StepPlan(args.max_token_length and 2 * args.per_device_train_batch_size * args.max_token_length,
+                    checkpointing=args.gradient_checkpointing, repeat_kv=not args.use_flash_attn,
+                    compute_bytes=4 if args.mixed_precision == "fp32" else 2)
     print_plan("rm", world=world, preset=args.preset, cpu_offload=args.cpu_offload, lines=lines,
-               models={"reward model": (args.model_name_or_path, "reward", True)})
+               models={"reward model": (args.model_name_or_path, "reward", True)}, step=step)
 
 
 @entrypoint  # one rank's crash: its traceback shown once, every rank stopped
