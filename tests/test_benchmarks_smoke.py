@@ -6,6 +6,7 @@ is importable (the `bench` extra); without it the tables say "n/a". No GPU neede
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +73,25 @@ def test_lm_head_prints_both_stages_and_paths():
                     "--steps", "1", "--chunk", "64")
     rows = {r[0]: r for r in table_rows(out, "SFT") + table_rows(out, "DPO")}
     assert set(rows) == {"SFT", "DPO"} and all(len(r) == 7 for r in rows.values())
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl").exists(),
+                    reason="needs ../shared/data/gsm8k")
+def test_real_rlvr_prints_before_after_and_phase_rates(tmp_path):
+    """benchmarks/real_rlvr.py end to end on the tiny model (TorchEngine, 2 steps of 2 x 2 responses of
+    8 tokens): the GSM8K slices, the run, the before/after table, the phase rates and the plot."""
+    out = run_bench("benchmarks/real_rlvr.py", "--out", str(tmp_path), "--model", "tulu/tiny", "--engine", "torch",
+                    "--chat_template", "tulu", "--episodes", "8", "--prompts", "2", "--samples", "2",
+                    "--response_length", "8", "--train_rows", "16", timeout=600)
+    assert "| before (step 0) |" in out and "| after (step 2) |" in out, out[-2000:]
+    rates = table_rows(out, "generation tok/s")
+    assert rates, out[-2000:]
+    values = out.split("| generation tok/s", 1)[1].splitlines()[2]  # the row under the header and rule
+    assert all(float(v) > 0 for v in values.strip("| ").split(" | ")), values
+    assert (tmp_path / "real_rlvr.png").stat().st_size > 0 and (tmp_path / "real_rlvr.md").exists()
+    held_out = [json.loads(x) for x in (tmp_path / "gsm8k_heldout.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (tmp_path / "gsm8k_train.jsonl").read_text().splitlines()]
+    assert len(held_out) == 200 and len(train) == 16  # rows 0-199 held out, 200-215 trained on
+    assert not {r["messages"][0]["content"] for r in held_out} & {r["messages"][0]["content"] for r in train}
