@@ -201,11 +201,11 @@ def run_trl(kind: str, data: Path, packing: bool, args: Args) -> list[dict]:
              "tokens": s["tokens"]} for s in steps]
 
 
-def run_ours(kind: str, data: Path, n_rows: int, packing: bool, args: Args) -> list[dict]:
+def run_ours(kind: str, data: Path, n_rows: int, packing: bool, args: Args, chunked: bool = True) -> list[dict]:
     from sft_throughput import run_script, sft_flags
 
     flags = sft_flags(data, n_rows, args.max_seq_length, args.per_device_train_batch_size,
-                      args.gradient_accumulation_steps, args.steps, packing)
+                      args.gradient_accumulation_steps, args.steps, packing) + ["--chunked_lm_head", str(chunked)]
     if kind == "dpo":
         flags += ["--reference_logprobs", "live", "--dpo_loss_type", "dpo", "--dpo_beta", "0.1"]
     rows = run_script(f"{kind}.py", flags)
@@ -220,13 +220,15 @@ def med(runs: list[list[dict]], key: str, warmup: int) -> float:
 
 def compare(kind: str, data: Path, n_rows: int, args: Args, trl_version: str | None) -> dict:
     layouts = [lay == "packed" for lay in args.layouts]
-    configs = [(side, p) for p in layouts for side in ("ours", "trl")
-               if side == "ours" or (trl_version and not (kind == "dpo" and p))]
+    # ours: the chunked LM head (the default); ours_full: --chunked_lm_head false, the full logits
+    configs = [(side, p) for p in layouts for side in ("ours", "ours_full", "trl")
+               if side != "trl" or (trl_version and not (kind == "dpo" and p))]
     runs: dict = {c: [] for c in configs}
     t0 = time.perf_counter()
     for _ in range(args.rounds):
         for side, p in configs:
-            runs[side, p].append(run_ours(kind, data, n_rows, p, args) if side == "ours" else run_trl(kind, data, p, args))
+            runs[side, p].append(run_trl(kind, data, p, args) if side == "trl" else
+                                 run_ours(kind, data, n_rows, p, args, chunked=side == "ours"))
     wall = time.perf_counter() - t0
     name = {"sft": "SFT: train/sft.py vs TRL SFTTrainer", "dpo": "DPO (live reference): train/dpo.py vs TRL DPOTrainer"}[kind]
     print(f"\n### {name}\n")
@@ -234,22 +236,24 @@ def compare(kind: str, data: Path, n_rows: int, args: Args, trl_version: str | N
           f"per-device batch {args.per_device_train_batch_size}, grad accum {args.gradient_accumulation_steps}, "
           f"max length {args.max_seq_length}; {wall:.0f} s wall; dtypes: ours fp32 (auto on CPU), "
           f"TRL fp32 (bf16=False, fp16=False)\n")
-    print("| layout | ours tok/s | TRL tok/s | ours / TRL | ours padding frac | TRL padding frac | TRL tokens/step |")
-    print("|---|---|---|---|---|---|---|")
+    print("| layout | ours tok/s (chunked head) | ours tok/s (full logits) | TRL tok/s | ours / TRL | "
+          "ours padding frac | TRL padding frac | TRL tokens/step |")
+    print("|---|---|---|---|---|---|---|---|")
     out = {}
     for p in layouts:
         ours = med(runs["ours", p], "perf/tokens_per_s_per_device", args.warmup)
         ours_pad = med(runs["ours", p], "perf/padding_fraction", args.warmup)
+        full = med(runs["ours_full", p], "perf/tokens_per_s_per_device", args.warmup)
         trl = trl_pad = trl_tokens = None
         if ("trl", p) in runs:
             trl = med(runs["trl", p], "perf/tokens_per_s_per_device", args.warmup)
             trl_pad = med(runs["trl", p], "perf/padding_fraction", args.warmup)
             trl_tokens = med(runs["trl", p], "tokens", args.warmup)
         why = "n/a (trl not installed)" if not trl_version else "n/a (TRL 1.16 DPO: padding_free disabled)"
-        print(f"| {'packed' if p else 'padded'} | {ours:.0f} | {f'{trl:.0f}' if trl else why} | "
+        print(f"| {'packed' if p else 'padded'} | {ours:.0f} | {full:.0f} | {f'{trl:.0f}' if trl else why} | "
               f"{f'{ours / trl:.2f}' if trl else '-'} | {ours_pad:.3f} | {f'{trl_pad:.3f}' if trl else '-'} | "
               f"{f'{trl_tokens:.0f}' if trl else '-'} |")
-        out["packed" if p else "padded"] = {"ours": ours, "trl": trl}
+        out["packed" if p else "padded"] = {"ours": ours, "ours_full": full, "trl": trl}
     return out
 
 

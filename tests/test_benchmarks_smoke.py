@@ -51,13 +51,13 @@ def test_sft_throughput_prints_packed_and_padded(tmp_path):
 
 def test_throughput_ours_vs_trl_table():
     out = run_bench("benchmarks/throughput.py", *TINY, "--layouts", "packed", "--no-dpo")
-    assert "| layout | ours tok/s | TRL tok/s | ours / TRL |" in out
+    assert "| layout | ours tok/s (chunked head) | ours tok/s (full logits) | TRL tok/s | ours / TRL |" in out
     row = table_rows(out, "packed")[0]
-    assert float(row[1]) > 0
+    assert float(row[1]) > 0 and float(row[2]) > 0  # both of our LM-head paths ran
     try:
         import trl  # noqa: F401
     except ImportError:
-        assert "n/a (trl not installed)" in row[2]
+        assert "n/a (trl not installed)" in row[3]
 
 
 def test_checkpoint_benchmark_round_trips_and_prints_its_table():
