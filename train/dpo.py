@@ -120,7 +120,7 @@ def plan(args: Args, mixer: dict) -> None:
     # a micro-batch holds each pair's chosen and rejected rows
     step = StepPlan(args.max_seq_length and 2 * args.per_device_train_batch_size * args.max_seq_length,
                     checkpointing=args.gradient_checkpointing, chunked=args.chunked_lm_head,
-                    repeat_kv=not args.use_flash_attn, compute_bytes=4 if args.mixed_precision == "fp32" else 2)
+                    repeat_kv=not args.use_flash_attn, mixed_precision=args.mixed_precision)
     print_plan(f"dpo ({args.dpo_loss_type})", world=world, preset=args.preset, cpu_offload=args.cpu_offload,
                lines=lines, models=models, step=step)
 

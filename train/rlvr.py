@@ -283,7 +283,7 @@ def plan(args: Args, train_mix: dict) -> None:
     step = StepPlan(length and args.per_device_train_batch_size * length,
                     forward_tokens=length and args.local_rollout_forward_batch_size * length,
                     checkpointing=args.gradient_checkpointing, chunked=args.chunked_lm_head,
-                    compute_bytes=4 if args.mixed_precision == "fp32" else 2,
+                    mixed_precision=args.mixed_precision,
                     engine=length and (prompts * n // args.vllm_num_engines, length, args.vllm_tensor_parallel_size))
     print_plan(f"rlvr ({args.algo})", world=world, preset=args.preset, cpu_offload=args.cpu_offload,
                lines=lines, models=models, step=step)

@@ -109,7 +109,7 @@ def plan(args: Args, mixer: dict) -> None:
              *schedule]
     step = StepPlan(args.max_token_length and 2 * args.per_device_train_batch_size * args.max_token_length,
                     checkpointing=args.gradient_checkpointing, repeat_kv=not args.use_flash_attn,
-                    compute_bytes=4 if args.mixed_precision == "fp32" else 2)
+                    mixed_precision=args.mixed_precision)
     print_plan("rm", world=world, preset=args.preset, cpu_offload=args.cpu_offload, lines=lines,
                models={"reward model": (args.model_name_or_path, "reward", True)}, step=step)
 

@@ -77,7 +77,7 @@ def plan(args: Args, mixer: dict) -> None:
             lines.append(("tokens (at most)", f"{steps * G * args.max_seq_length:.3e}"))
     step = StepPlan(args.max_seq_length and args.per_device_train_batch_size * args.max_seq_length,
                     checkpointing=args.gradient_checkpointing, chunked=args.chunked_lm_head,
-                    repeat_kv=not args.use_flash_attn, compute_bytes=4 if args.mixed_precision == "fp32" else 2)
+                    repeat_kv=not args.use_flash_attn, mixed_precision=args.mixed_precision)
     print_plan("sft", world=world, preset=args.preset, cpu_offload=args.cpu_offload, lines=lines,
                models={"policy": (args.model_name_or_path, "causal_lm", True)}, step=step)
 

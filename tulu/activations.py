@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tulu.lm_head import DEFAULT_CHUNK
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -59,7 +61,7 @@ def layer_bytes_per_token(s: Shape, b: int, repeat_kv: bool = False) -> int:
     return 2 * _norm_and_proj(s, b) + attn + 4 * b * s.intermediate
 
 
-def head_bytes(s: Shape, tokens: int, b: int, chunked: bool, chunk: int = 512) -> tuple[int, int]:
+def head_bytes(s: Shape, tokens: int, b: int, chunked: bool, chunk: int = DEFAULT_CHUNK) -> tuple[int, int]:
     """(saved, transient) bytes of the LM head and its log-softmax for `tokens` positions."""
     if chunked:
         rows = min(chunk, tokens)
@@ -107,8 +109,8 @@ def frozen_forward_bytes(config, tokens: int, b: int, chunked: bool, has_lm_head
     block = tokens * (2 * b * s.hidden + b * (s.heads + 2 * s.kv_heads) * s.head_dim + 3 * b * s.intermediate)
     if not has_lm_head:
         return block
-    logits = min(512, tokens) * s.vocab * (b + 4) if chunked else tokens * s.vocab * (b + 4)
-    return max(block, logits)
+    rows = min(DEFAULT_CHUNK, tokens) if chunked else tokens
+    return max(block, rows * s.vocab * (b + 4))
 
 
 def kv_cache_bytes(config, sequences: int, length: int, b: int = 2) -> int:

@@ -65,8 +65,12 @@ class StepPlan:
     checkpointing: bool = False
     chunked: bool = True
     repeat_kv: bool = True              # sdpa with a mask repeats k, v to the query heads; flash-attn does not
-    compute_bytes: int = 2              # bf16 on a GPU
+    mixed_precision: str = "auto"       # the script's flag: auto and bf16 plan bf16 (a GPU run), fp32 plans fp32
     engine: tuple[int, int, int] | None = None  # RLVR: (sequences per engine, tokens each, GPUs per engine)
+
+    @property
+    def compute_bytes(self) -> int:
+        return 4 if self.mixed_precision == "fp32" else 2
 
 
 GPU_GIB = 80
