@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, script_env
+from conftest import REPO, needs_shared_data, script_env
 
 TINY = ["--steps", "1", "--warmup", "0", "--rounds", "1", "--max_seq_length", "64",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--examples", "8",
@@ -77,8 +77,7 @@ def test_lm_head_prints_both_stages_and_paths():
 
 @pytest.mark.slow
 @pytest.mark.realdata
-@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl").exists(),
-                    reason="needs ../shared/data/gsm8k")
+@needs_shared_data()
 def test_real_rlvr_prints_before_after_and_phase_rates(tmp_path):
     """benchmarks/real_rlvr.py end to end on the tiny model (TorchEngine, 2 steps of 2 x 2 responses of
     8 tokens): the GSM8K slices, the run, the before/after table, the phase rates and the plot."""
