@@ -7,11 +7,11 @@
 For each size, rank 0 writes a random-weight Llama folder (sft_throughput.write_random_model, bf16);
 every rank builds the FSDP2 model from it (as the training scripts do) and an AdamW whose state is
 filled in, so a checkpoint holds fp32 parameters plus two moments. Then, `--reps` times:
-  save    tulu.resume.save_checkpoint (every rank writes its rows; atomic publish)
-  load    tulu.resume.load_checkpoint into the same model and optimizer, after zeroing them; the
+  save    tulu.checkpoint.save_checkpoint (every rank writes its rows; atomic publish)
+  load    tulu.checkpoint.load_checkpoint into the same model and optimizer, after zeroing them; the
           parameters' and moments' checksums are compared with the values saved (a failed compare
           stops the benchmark)
-  export  tulu.checkpoint.export_hf with `--shard_mb` shards (streamed gather to rank 0)
+  export  tulu.export.export_hf with `--shard_mb` shards (streamed gather to rank 0)
 Reported per operation: median seconds (barrier to barrier, so the slowest rank), GB/s of bytes on
 disk, and rank 0's peak memory above what it held before the operation: the peak resident set
 (VmHWM, reset through /proc/self/clear_refs; it includes pages of mapped files that the kernel can
@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 
 from sft_throughput import write_random_model  # benchmarks/ is this script's folder
-from tulu.checkpoint import export_hf
+from tulu.export import export_hf
 from tulu.dist import barrier, init_dist, print0, shutdown
-from tulu.model import _local_rows, build_model, load_tokenizer
+from tulu.fsdp import local_rows
+from tulu.model import build_model, load_tokenizer
 from tulu.optim import build_optimizer
-from tulu.resume import load_checkpoint, save_checkpoint
+from tulu.checkpoint import load_checkpoint, save_checkpoint
 
 SIZES = {"tiny": ("tiny", None), "100m": ("llama-100m", None), "1b": ("llama-1b", 32000)}  # shape, vocab
 
@@ -52,16 +53,16 @@ def fill_optimizer_state(model, optimizer) -> None:
         st["step"] = torch.tensor(10.0)
         for key in ("exp_avg", "exp_avg_sq"):
             st[key] = torch.zeros_like(p)
-            local, _ = _local_rows(st[key])
+            local, _ = local_rows(st[key])
             local.copy_(torch.rand(local.shape, generator=gen).abs() * 1e-3)
 
 
 def checksums(model, optimizer) -> torch.Tensor:
     sums = []
     for p in model.parameters():
-        sums.append(_local_rows(p)[0].double().sum())
+        sums.append(local_rows(p)[0].double().sum())
         for key in ("exp_avg", "exp_avg_sq"):
-            sums.append(_local_rows(optimizer.state[p][key])[0].double().sum())
+            sums.append(local_rows(optimizer.state[p][key])[0].double().sum())
     return torch.stack(sums).cpu()
 
 
@@ -112,7 +113,7 @@ def bench_size(size: str, work: Path, args, d, tokenizer) -> dict:
     for rep in range(args.reps):
         out_dir = work / f"run-{size}"
         runs["save"].append(measure(lambda: save_checkpoint(out_dir, rep + 1, {"model": (model, optimizer)},
-                                                            {"samples_seen": 0}, d.rank, d.world, 1), d.device))
+                                                            {"samples_seen": 0}, d, 1), d.device))
         path = out_dir / "checkpoints" / f"step_{rep + 1}"
         ckpt_bytes = sum(f.stat().st_size for f in path.iterdir())
         with torch.no_grad():  # load must restore every value, so wipe them first
@@ -122,7 +123,7 @@ def bench_size(size: str, work: Path, args, d, tokenizer) -> dict:
                     optimizer.state[p][key].zero_()
         if args.cold and d.local_rank == 0:
             drop_page_cache()
-        runs["load"].append(measure(lambda: load_checkpoint(path, {"model": (model, optimizer)}, d.rank, d.world),
+        runs["load"].append(measure(lambda: load_checkpoint(path, {"model": (model, optimizer)}, d),
                                     d.device))
         got = checksums(model, optimizer)
         if not torch.equal(got, expected):

@@ -33,7 +33,7 @@ def one(stage: str, chunked: bool, a) -> dict:
     from checkpoint import _status_kib  # benchmarks/ is this script's folder: /proc/self/status fields
     from tulu.lm_head import head_logprobs, next_token_targets
     from tulu.losses import dpo_loss, sft_loss, sft_loss_from_logprobs
-    from tulu.preference import collate_pairs, pair_logps
+    from tulu.preference import collate_dpo_pairs, pair_logps
     from tulu.tiny import tiny_config
 
     torch.manual_seed(0)
@@ -50,16 +50,16 @@ def one(stage: str, chunked: bool, a) -> dict:
 
         def step():
             if chunked:
-                loss, _ = sft_loss_from_logprobs(head_logprobs(model, {"input_ids": ids}, targets, chunk=a.chunk)[0],
-                                                 targets, "token_mean", 1, 1, n)
+                ce_sum, _ = sft_loss_from_logprobs(head_logprobs(model, {"input_ids": ids}, targets, chunk=a.chunk)[0],
+                                                   targets)
             else:
-                loss, _ = sft_loss(model(input_ids=ids).logits, labels, "token_mean", 1, 1, n)
-            loss.backward()
+                ce_sum, _ = sft_loss(model(input_ids=ids).logits, labels)
+            (ce_sum / n).backward()  # the token mean
     else:
         half = T // 2
         prompt = torch.randint(3, a.vocab, (half // 4,)).tolist()
         c, r = (torch.randint(3, a.vocab, (half - len(prompt),)).tolist() for _ in range(2))
-        batch = collate_pairs([{"chosen_input_ids": prompt + c, "chosen_labels": [-100] * len(prompt) + c,
+        batch = collate_dpo_pairs([{"chosen_input_ids": prompt + c, "chosen_labels": [-100] * len(prompt) + c,
                                 "rejected_input_ids": prompt + r, "rejected_labels": [-100] * len(prompt) + r}], 0,
                               packed=False)
         ref = torch.tensor([-1.0]), torch.tensor([-1.2])

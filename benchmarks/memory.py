@@ -1,4 +1,4 @@
-"""Per-rank memory of our FSDP2 training against DeepSpeed ZeRO-3's estimator (issue 9).
+"""Per-rank memory of our FSDP2 training against DeepSpeed ZeRO-3's estimator.
 
     python benchmarks/memory.py                   # real-scale simulation, DeepSpeed table, CPU measurement
     python benchmarks/memory.py --skip_measure    # the simulated tables only (~15 s)

@@ -63,7 +63,8 @@ def measure(size: str, tokens: int, checkpointing: bool, chunked: bool) -> dict:
             lp, _ = head_logprobs(model, {"input_ids": x}, next_token_targets(x))
             loss = -lp.sum() / (tokens - 1)
         else:
-            loss, _ = sft_loss(model(input_ids=x).logits, x, "mean", 1, 1, float(tokens - 1))
+            ce_sum, _ = sft_loss(model(input_ids=x).logits, x)
+            loss = ce_sum / (tokens - 1)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""SFT throughput (issue 2): tokens/s and padding fraction, packed vs padded, measured by running train/sft.py.
+"""SFT throughput: tokens/s and padding fraction, packed vs padded, measured by running train/sft.py.
 
     python benchmarks/sft_throughput.py                      # CPU: tiny model, packed vs padded (~3 min here)
     python benchmarks/sft_throughput.py --steps 3 --rounds 1 --max_seq_length 256 --per_device_train_batch_size 2 \

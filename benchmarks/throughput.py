@@ -1,4 +1,4 @@
-"""Throughput side by side (issue 9): our train/sft.py and train/dpo.py against TRL's SFTTrainer and DPOTrainer.
+"""Throughput side by side: our train/sft.py and train/dpo.py against TRL's SFTTrainer and DPOTrainer.
 
     /work/bench-venv/bin/python benchmarks/throughput.py         # with trl (the `bench` extra) installed
     python benchmarks/throughput.py                               # without trl: our columns only

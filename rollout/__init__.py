@@ -11,8 +11,10 @@ Importing this package is light: torch, no transformers, no vllm.
 """
 import tulu  # noqa: F401  first: hides torchvision & co. built for another torch (tulu/companions.py)
 from rollout.engine import Completion, Engine, SamplingParams, TorchEngine
-from rollout.pool import EngineDied, EngineError, EnginePool, EngineTimeout
-from rollout.weight_sync import WeightReceiver, WeightSync
+from rollout.errors import EngineDied, EngineError, EngineTimeout
+from rollout.pool import EnginePool
+from rollout.receiver import WeightReceiver
+from rollout.weight_sync import WeightSync
 
 __all__ = ["Completion", "Engine", "EngineDied", "EngineError", "EnginePool", "EngineTimeout", "SamplingParams",
            "TorchEngine", "WeightReceiver", "WeightSync"]

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import inspect
 import random
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from rollout.receiver import WeightReceiver, receive_and_load
 
 SEED_STRIDE = 1_000_003  # completions per prompt stay below this, so (prompt, sample) seeds never collide
 
@@ -80,7 +81,7 @@ class Engine(Protocol):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None: ...
 
-    # The weight-sync endpoints the serve loop calls (rollout/weight_sync.py has the protocol).
+    # The weight-sync endpoints the serve loop calls (rollout/weight_sync.py has the protocol, rollout/receiver.py this side).
     def init_sync(self, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float,
                   local_host: str | None = None) -> dict: ...  # {"dtype": the dtype its weights are held in}
 
@@ -234,24 +235,12 @@ class TorchEngine:
     def init_sync(self, host: str, port: int, rank: int, world: int, backend: str, timeout_s: float,
                   local_host: str | None = None) -> dict:
         """Join the weight-sync group; reply with the dtype this engine holds, which the trainer sends."""
-        from rollout.weight_sync import WeightReceiver
-
         self._receiver = WeightReceiver(host, port, rank, world, backend, self.device, timeout_s, local_host)
         return {"dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
 
     def receive_weights(self) -> dict:
-        """Receive one sync (rollout/weight_sync.py) and load it; returns version and timings."""
-        t0 = time.perf_counter()
-        version, weights = self._receiver.receive()
-        try:
-            self.load_weights(weights, version)
-        finally:
-            for _ in weights:  # a failed load still takes every bucket, so the trainer never hangs
-                pass
-        total = time.perf_counter() - t0
-        r = self._receiver
-        return {"version": self.version, "recv_s": r.last_recv_s, "load_s": total - r.last_recv_s,
-                "recv_bytes": r.last_bytes, "recv_dtypes": r.last_dtypes}
+        """Receive one sync (rollout/receiver.py) and load it; returns version and timings."""
+        return receive_and_load(self._receiver, self.load_weights)
 
     def close_sync(self) -> None:
         if self._receiver is not None:

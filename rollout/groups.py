@@ -12,6 +12,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from rollout.errors import EngineTimeout
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -119,8 +121,6 @@ def wait_together(busy, timeout_s: float, what: str, max_poll_s: float = 0.5) ->
     while True:
         waiting = bool(busy())
         if waiting and time.monotonic() > deadline:
-            from rollout.pool import EngineTimeout
-
             raise EngineTimeout(f"{what}: still running after {timeout_s:.0f}s")
         flag = torch.tensor([float(waiting)], device=device)
         if multi:

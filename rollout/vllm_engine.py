@@ -43,13 +43,13 @@ How it maps onto vLLM:
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from rollout.engine import Completion, SamplingParams, model_eos_ids, row_seed, stop_set
+from rollout.receiver import WeightReceiver, receive_and_load
 
 
 def reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -85,27 +85,14 @@ class WorkerExtension:
 
     def tulu_init_sync(self, host: str, port: int, rank_offset: int, world: int, backend: str, timeout_s: float,
                        local_host: str | None = None) -> None:
-        from rollout.weight_sync import WeightReceiver
-
         device = self.device if backend == "nccl" else "cpu"
         # Fresh buffers: the layerwise reload keeps the tensors it is given until their layer is complete.
         self.tulu_receiver = WeightReceiver(host, port, rank_offset + self.rank, world, backend, device, timeout_s,
                                             local_host, reuse_buffers=False)
 
     def tulu_receive_weights(self) -> dict:
-        t0 = time.perf_counter()
-        version, weights = self.tulu_receiver.receive()
-        try:
-            reload_weights(self, weights)
-        finally:
-            for _ in weights:  # a failed load still takes every bucket, so the trainer never hangs
-                pass
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        total = time.perf_counter() - t0
-        r = self.tulu_receiver
-        return {"version": version, "recv_s": r.last_recv_s, "load_s": total - r.last_recv_s,
-                "recv_bytes": r.last_bytes, "recv_dtypes": r.last_dtypes}
+        return receive_and_load(self.tulu_receiver, lambda weights, _version: reload_weights(self, weights),
+                                synchronize=True)
 
     def tulu_load_file(self, path: str) -> None:
         from safetensors import safe_open

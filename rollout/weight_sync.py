@@ -1,4 +1,5 @@
-"""Weight sync: stream the trainer's FSDP parameters into every rollout engine, bucket by bucket.
+"""Weight sync, the trainer side: stream the trainer's FSDP parameters into every rollout engine, bucket
+by bucket. The engine side, which receives and loads, is rollout/receiver.py.
 
 The group. Trainer rank 0 and every engine worker (a TorchEngine process; each tensor-parallel worker
 of a vLLM engine) form a process group of their own: a TCPStore that rank 0 hosts on the address you
@@ -50,7 +51,6 @@ produced by exactly one version, reported in `Completion.version`.
 """
 from __future__ import annotations
 
-import datetime
 import math
 import time
 from collections import deque
@@ -59,8 +59,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from rollout.groups import (LOOPBACK, check_versions, close_group, listen_store, new_group, recv_obj, runtime_versions,
-                            send_obj, sync_backend, wait_together)
+from rollout.errors import EngineDied
+from rollout.groups import (check_versions, close_group, listen_store, new_group, runtime_versions, send_obj,
+                            sync_backend, wait_together)
 
 ALIGN = 64  # byte alignment of every tensor in a bucket: any dtype can view it, NCCL likes it
 
@@ -104,7 +105,8 @@ class WeightSync:
                  bucket_mb: float | None = None, dtype: torch.dtype | None = None, timeout_s: float = 600.0,
                  log: bool = True):
         """dtype: what travels; None = the dtype the engines hold (they report it when they join):
-        bf16 for vLLM (the original's full bf16 tensors, checklist 27), fp32 for the default CPU
+        bf16 for vLLM (the original broadcast full bf16 tensors from rank 0: open-instruct
+        ppo_vllm_thread_ray_gtrl.py:786-824 @e363290), fp32 for the default CPU
         TorchEngine, so an fp32 engine gets the fp32 master weights bit for bit."""
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dtype, self.timeout_s, self.log = dtype, timeout_s, log
@@ -173,8 +175,6 @@ class WeightSync:
         if self.rank == 0:
             dead = [e.status() for e in self.pool.engines if e.dead]
             if dead:  # fail before any collective rather than inside one
-                from rollout.pool import EngineDied
-
                 raise EngineDied(f"weight sync v{version}: {'; '.join(dead)}")
             futures = self.pool.call_all("receive_weights")
             send_obj(self.pg, header, self.device)
@@ -260,66 +260,3 @@ class WeightSync:
             self.pool.wait(futures, self.timeout_s, "close_sync")
             self.pg = None
             self.store = None
-
-
-class WeightReceiver:
-    """Engine side of the group (one per engine worker): receive() yields (name, tensor) per parameter."""
-
-    def __init__(self, host: str, port: int, rank: int, world: int, backend: str, device, timeout_s: float,
-                 local_host: str | None = None, reuse_buffers: bool = True):
-        self.device = torch.device(device) if backend == "nccl" else torch.device("cpu")  # gloo moves host memory
-        # reuse_buffers: receive into two buffers kept across syncs (fast on host memory, see
-        # WeightSync._bucket_buffer). Yielded tensors are then views that stay valid only until two
-        # buckets later: the consumer must copy each one as it comes (TorchEngine does).
-        self.reuse_buffers, self._ring = reuse_buffers, []
-        store = dist.TCPStore(host, port, world_size=world, is_master=False,
-                              timeout=datetime.timedelta(seconds=timeout_s))
-        bind = local_host if local_host is not None else (host if host in LOOPBACK else "")
-        self.pg = new_group(store, rank, world, backend, timeout_s, bind)
-        self._store, self.last_recv_s = store, 0.0
-        self.last_bytes, self.last_dtypes = 0, []  # of the last sync: what actually arrived
-
-    def receive(self):
-        """Wait for the next sync's metadata; returns (version, iterator of (name, tensor)). The
-        iterator receives bucket by bucket and must be consumed to the end (the trainer is waiting)."""
-        t = time.perf_counter()
-        header = recv_obj(self.pg, self.device)
-        self.last_recv_s = time.perf_counter() - t
-        return header["version"], self._tensors(header)
-
-    def _tensors(self, header):
-        self.last_bytes, dtypes = 0, set()
-        if header["mode"] == "per_param":
-            for _ in range(header["count"]):
-                t = time.perf_counter()
-                name, dtype, shape = recv_obj(self.pg, self.device)
-                tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-                self.pg.broadcast(tensor, 0).wait()
-                self.last_recv_s += time.perf_counter() - t
-                self.last_bytes += tensor.nbytes
-                dtypes.add(dtype)
-                yield name, tensor
-            self.last_dtypes = sorted(dtypes)
-            return
-        by_bucket: list[list] = [[] for _ in header["buckets"]]
-        for name, dtype, shape, bucket, offset in header["params"]:
-            by_bucket[bucket].append((name, getattr(torch, dtype), shape, offset))
-            dtypes.add(dtype)
-        self.last_dtypes = sorted(dtypes)
-        if self.reuse_buffers and (not self._ring or self._ring[0].numel() < max(header["buckets"])):
-            self._ring = [torch.empty(max(header["buckets"]), dtype=torch.uint8, device=self.device) for _ in range(2)]
-        for bucket, size in enumerate(header["buckets"]):
-            t = time.perf_counter()
-            if self.reuse_buffers:
-                buf = self._ring[bucket % 2][:size]
-            else:
-                buf = torch.empty(size, dtype=torch.uint8, device=self.device)
-            self.pg.broadcast(buf, 0).wait()
-            self.last_recv_s += time.perf_counter() - t
-            for name, dt, shape, offset in by_bucket[bucket]:
-                self.last_bytes += math.prod(shape) * dt.itemsize  # the tensors, not the alignment gaps
-                yield name, buf[offset : offset + math.prod(shape) * dt.itemsize].view(dt).view(shape)
-
-    def close(self) -> None:
-        close_group(self.pg)
-        self.pg = None

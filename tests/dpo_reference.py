@@ -52,6 +52,7 @@ def reference_run(mixer: dict, loss_type: str, per_device: int, grad_accum: int,
         else:
             loss, _ = wpo_loss(ps["chosen"], ps["rejected"], rs["chosen"], rs["rejected"], pa["chosen"], pa["rejected"],
                                beta, label_smoothing)
+        loss = loss / G  # the losses sum over pairs: the step's objective is their mean
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), clip if clip > 0 else float("inf"))
         for g in opt.param_groups:

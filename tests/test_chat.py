@@ -24,7 +24,7 @@ CONV = [
 
 
 def test_rendered_text_matches_the_tulu_format(tok):
-    # The format from the issue, written out by hand (shared reference §7.2).
+    # The tulu format, written out by hand (open-instruct dataset_processor.py:133 @e363290).
     expected = (f"<|system|>\nBe brief.\n<|user|>\nWhat is 12 + 34?\n<|assistant|>\n12 + 34 = 46. The answer is 46.{EOS}\n"
                 f"<|user|>\nAnd 5 - 2?\n<|assistant|>\n3{EOS}")
     assert render(tok, CONV) == expected

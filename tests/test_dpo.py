@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from conftest import read_metrics, torchrun
 from dpo_reference import reference_run, sequence_logp
 from tulu.model import load_tokenizer
-from tulu.preference import build_preference_data, collate_pairs, pair_logps, tokenize_final_turn, tokenize_pair
+from tulu.preference import build_preference_data, collate_dpo_pairs, pair_logps, tokenize_final_turn, tokenize_dpo_pair
 from tulu.synth import make_rows
 from tulu.tiny import tiny_dir
 
@@ -43,7 +43,7 @@ def test_pairs_losing_all_trainable_tokens_are_dropped_and_counted(tok, tmp_path
     rows[4]["chosen"] = long_prompt + rows[4]["chosen"]  # only the chosen side
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert tokenize_pair(tok, rows[1]["chosen"], rows[1]["rejected"], 64) is None
+    assert tokenize_dpo_pair(tok, rows[1]["chosen"], rows[1]["rejected"], 64) is None
     data = build_preference_data({str(path): 6}, tok, max_seq_length=64)
     assert (len(data), data.dropped) == (4, 2)
     assert all(data.lengths[i] == len(r["chosen_input_ids"]) + len(r["rejected_input_ids"])
@@ -57,9 +57,9 @@ def test_one_forward_pair_logps_equal_separate_forwards(tok, packed):
     model.config.use_cache = False
     rows = []
     for r in make_rows("tulu/synth-pref", 5):  # prompts of different lengths: real padding / packing
-        rows.append(tokenize_pair(tok, r["chosen"], r["rejected"], None))
+        rows.append(tokenize_dpo_pair(tok, r["chosen"], r["rejected"], None))
     with torch.no_grad():
-        got = pair_logps(model, collate_pairs(rows, tok.pad_token_id, packed), torch.device("cpu"))
+        got = pair_logps(model, collate_dpo_pairs(rows, tok.pad_token_id, packed), torch.device("cpu"))
         for side in ("chosen", "rejected"):
             want = [sequence_logp(model, r[f"{side}_input_ids"], r[f"{side}_labels"]) for r in rows]
             # Relative for the sums (~-110 here: one fp32 ulp is 7.6e-6), absolute for the averages.

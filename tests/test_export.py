@@ -1,4 +1,4 @@
-"""The Hugging Face export (issue 4): streamed into planned shards, loadable by transformers, exact.
+"""The Hugging Face export: streamed into planned shards, loadable by transformers, exact.
 
 The embedded tiny model is built with FSDP2 on 2 ranks and exported; the folder is compared with
 the tiny model's own safetensors file, read independently with safetensors.
@@ -16,7 +16,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TORCHRUN
-from tulu.checkpoint import plan_shards
+from tulu.export import plan_shards
 from tulu.tiny import tiny_dir
 
 

@@ -1,4 +1,4 @@
-"""A crash on one rank ends every rank (no hang) and its exception is shown once (issue 4).
+"""A crash on one rank ends every rank (no hang) and its exception is shown once.
 
 The real scripts run under torchrun with one function made to raise on one rank
 (tests/scripts/fail_on_rank.py); the checks read torchrun's combined output.

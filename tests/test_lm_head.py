@@ -82,7 +82,7 @@ def test_pair_logps_chunked_equals_full(packed):
     """DPO's per-sequence sums and means, from the chunked head and from the logits, padded and packed."""
     from transformers import LlamaForCausalLM
 
-    from tulu.preference import collate_pairs, pair_logps
+    from tulu.preference import collate_dpo_pairs, pair_logps
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config(100, num_hidden_layers=2))
@@ -92,7 +92,7 @@ def test_pair_logps_chunked_equals_full(packed):
         c, r = torch.randint(3, 100, (n_c,)).tolist(), torch.randint(3, 100, (n_r,)).tolist()
         rows.append({"chosen_input_ids": prompt + c, "chosen_labels": [-100] * n_prompt + c,
                      "rejected_input_ids": prompt + r, "rejected_labels": [-100] * n_prompt + r})
-    batch = collate_pairs(rows, 0, packed)
+    batch = collate_dpo_pairs(rows, 0, packed)
     full = pair_logps(model, batch, torch.device("cpu"))
     chunked = pair_logps(model, batch, torch.device("cpu"), chunked=True)
     for k in full:
@@ -103,7 +103,7 @@ def test_response_logprobs_chunked_equals_full():
     """RLVR's learner-side log-probs of left-padded prompts + right-padded responses, at a temperature."""
     from transformers import LlamaForCausalLM
 
-    from tulu.rollouts import response_logprobs, rollout_batch
+    from tulu.rl_batch import response_logprobs, rollout_batch
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config(100, num_hidden_layers=2))

@@ -80,6 +80,7 @@ def test_segment_sums_packed_equal_per_sequence():
 def test_dpo_matches_reference(eps):
     pc, pr, rc, rr = (_rand(6, s) for s in range(4))
     loss, m = dpo_loss(pc, pr, rc, rr, beta=0.7, label_smoothing=eps)
+    loss, m = loss / 6, {k: v / 6 for k, v in m.items()}  # sums over the 6 pairs -> per-pair means
     assert loss.item() == pytest.approx(_pair_ref(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), 0.7, eps), abs=1e-9)
     cr, rj = 0.7 * (pc - rc), 0.7 * (pr - rr)
     acc = sum(float(cr[i] > rj[i]) for i in range(6)) / 6
@@ -95,18 +96,19 @@ def test_dpo_accuracy_is_per_pair_not_batch_mean():
     pc, pr = torch.tensor([10.0, 0.0, 0.0], dtype=D), torch.tensor([0.0, 0.1, 0.1], dtype=D)
     z = torch.zeros(3, dtype=D)
     _, m = dpo_loss(pc, pr, z, z, beta=1.0)
-    assert m["rewards/accuracy"].item() == pytest.approx(1 / 3)
+    assert m["rewards/accuracy"].item() / 3 == pytest.approx(1 / 3)
 
 
 def test_dpo_equal_logratios_give_log2_and_small_beta():
     pc, pr = _rand(4, 1), _rand(4, 2)
     loss, _ = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=5.0)  # z = 0
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-12)
+    assert loss.item() / 4 == pytest.approx(math.log(2), abs=1e-12)
     rc, rr = _rand(4, 3), _rand(4, 4)
     grads = []
     for beta in (1e-4, 2e-4):
         x = pc.clone().requires_grad_(True)
         loss, _ = dpo_loss(x, pr, rc, rr, beta=beta)
+        loss = loss / 4  # the sum over 4 pairs -> their mean
         assert loss.item() == pytest.approx(math.log(2), abs=1e-3)  # β→0: loss → log 2
         loss.backward()
         grads.append(x.grad.clone())
@@ -127,6 +129,7 @@ def test_simpo_matches_reference_and_has_no_reference_args():
     assert not any("ref" in p for p in params)
     pc, pr = _rand(6, 5, 1.0), _rand(6, 6, 1.0)
     loss, m = simpo_loss(pc, pr, beta=2.0, gamma_beta_ratio=0.3, label_smoothing=0.1)
+    loss, m = loss / 6, {k: v / 6 for k, v in m.items()}  # sums over the 6 pairs -> per-pair means
     ref = sum(-(0.9) * _logsig(2.0 * (c - r - 0.3)) - 0.1 * _logsig(-2.0 * (c - r - 0.3)) for c, r in zip(pc.tolist(), pr.tolist())) / 6
     assert loss.item() == pytest.approx(ref, abs=1e-9)
     assert m["rewards/chosen"].item() == pytest.approx(2.0 * pc.mean().item())
@@ -138,6 +141,7 @@ def test_wpo_weight_detached_clamped_and_matches_reference():
     pca[0], pra[0] = 2.0, 1.0  # exp(3) > 1: clamped to 1
     x_avg = pca.clone().requires_grad_(True)
     loss, m = wpo_loss(pc, pr, rc, rr, x_avg, pra, beta=0.5, label_smoothing=0.05)
+    loss, m = loss / 5, {k: v / 5 for k, v in m.items()}  # sums over the 5 pairs -> per-pair means
     w = [min(1.0, math.exp(a + b)) for a, b in zip(pca.tolist(), pra.tolist())]
     assert w[0] == 1.0
     ref = _pair_ref(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), 0.5, 0.05, w)
@@ -167,6 +171,7 @@ def test_bradley_terry_matches_reference():
     c, r = _rand(8, 1), _rand(8, 2)
     r[3] = c[3]  # a tie counts as wrong
     loss, m = bradley_terry_loss(c, r)
+    loss, m = loss / 8, {k: v / 8 for k, v in m.items()}  # sums over the 8 pairs -> per-pair means
     assert loss.item() == pytest.approx(sum(-_logsig(a - b) for a, b in zip(c.tolist(), r.tolist())) / 8, abs=1e-9)
     assert m["accuracy"].item() == pytest.approx(sum(a > b for a, b in zip(c.tolist(), r.tolist())) / 8)
     assert m["chosen_rewards"].item() == pytest.approx(c.mean().item())

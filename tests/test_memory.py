@@ -1,5 +1,5 @@
 """tulu/memory.py: the meta-device simulation equals what real FSDP2 ranks hold, and its real-scale
-numbers stand against DeepSpeed's ZeRO-3 estimator (issue 9)."""
+numbers stand against DeepSpeed's ZeRO-3 estimator."""
 import json
 import math
 import os
@@ -21,7 +21,7 @@ def test_simulation_equals_measured_bytes_on_2_gloo_ranks(tmp_path):
     out = tmp_path / "m"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests/scripts/memory_measure.py"), "--shape", "tiny", "--vocab_size", "509", "--out", str(out)]
-    for attempt in range(2):  # one retry: the rare torchrun teardown abort (cpu_environment.md §2b)
+    for attempt in range(2):  # one retry: the rare torchrun teardown abort (~1 in 6-12 runs on CPU)
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
         if r.returncode == 0:
@@ -49,7 +49,7 @@ def test_8b_counts_by_hand():
 
 
 def test_deepspeed_formula_reproduces_its_printed_table():
-    # cpu_environment.md §7: deepspeed 0.19.8 printed 18.78GB / 1.96GB per GPU for 8B on 8 GPUs.
+    # deepspeed 0.19.8's all_cold ZeRO-3 estimator printed 18.78GB / 1.96GB per GPU for 8B on 8 GPUs.
     P, L = 8_030_261_248, 525_336_576
     assert round(deepspeed_zero3_estimate(P, L, 8) / GiB, 2) == 18.78
     assert round(deepspeed_zero3_estimate(P, L, 8, cpu_offload=True) / GiB, 2) == 1.96

@@ -1,4 +1,4 @@
-"""MFU is logged by every training script (issue 9): perf/mfu = model FLOPs per second / peak.
+"""MFU is logged by every training script: perf/mfu = model FLOPs per second / peak.
 
 No GPU here, so $TULU_PEAK_TFLOPS supplies a peak (the same override a GPU missing from the
 vendor table uses). The FLOPs per token are recomputed here from the exported model's config with

@@ -1,4 +1,4 @@
-"""Checkpoints that survive anything (train/sft.py + tulu/resume.py), 2 gloo ranks, fp32:
+"""Checkpoints that survive anything (train/sft.py + tulu/checkpoint.py), 2 gloo ranks, fp32:
 kill -9 mid-step then resume equals the uninterrupted curve; resume at 1 and 4 ranks; incomplete
 checkpoints are skipped; keep_last_n; SIGTERM saves a resumable checkpoint; nothing pickled; a
 killed launcher takes its ranks with it, one run per output_dir, and three such kills stitch into
@@ -239,7 +239,7 @@ def test_output_dir_lock_and_lease(tmp_path):
     not enforced, a lease renewed by another host within 60 s refuses too, an expired one does not."""
     import socket
 
-    from tulu.resume import hold_output_dir
+    from tulu.output_dir import hold_output_dir
 
     held = tmp_path / "held"
     hold_output_dir(held, is_main=True)

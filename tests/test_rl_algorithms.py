@@ -50,13 +50,15 @@ def test_dr_grpo_sums_tokens_over_a_constant():
 def test_dapo_clips_higher_and_averages_over_the_global_tokens():
     new, old, ref, adv, mask = random_batch(2)
     global_tokens = 3.0 * mask.sum().item()  # e.g. the mini-batch spans 3 such micro-batches
-    cfg = LossConfig(0.2, 0.28, beta=0.0, kl_estimator="kl3", global_tokens=global_tokens)
+    cfg = LossConfig(0.2, 0.28, beta=0.0, kl_estimator="kl3")
     loss, _ = dapo_loss(new, old, ref, adv, mask, cfg)
+    loss = loss / global_tokens  # a token sum: the script weighs it by 1 / the mini-batch's tokens on all ranks
     B, T = old.shape
     want = sum(token_surrogate(new[b, t].item(), old[b, t].item(), adv[b].item(), 0.2, 0.28)
                for b in range(B) for t in range(T) if mask[b, t]) / global_tokens
     assert loss.item() == pytest.approx(want, rel=1e-5)
-    sym, _ = dapo_loss(new, old, ref, adv, mask, LossConfig(0.2, 0.2, 0.0, "kl3", global_tokens=global_tokens))
+    sym, _ = dapo_loss(new, old, ref, adv, mask, LossConfig(0.2, 0.2, 0.0, "kl3"))
+    sym = sym / global_tokens
     assert sym.item() != pytest.approx(loss.item())  # the higher clip matters on these ratios
 
 

@@ -136,7 +136,8 @@ def _dry_run(flags: list[str]) -> subprocess.CompletedProcess:
 
 def test_seed_8b_command_in_the_docstring_plans_the_original_schedule():
     """The 8B command in rlvr.py's docstring passes no --number_samples_per_prompt, so our default
-    must be the original's (1): its schedule is then the one the shared reference derives (§5.1):
+    must be the original's (1): its schedule is then the original's (open-instruct
+    ppo_vllm_thread_ray_gtrl.py:326, 609 @e363290):
     224 prompts x 1 sample per step, 10M // 224 = 44,642 training steps, x 4 epochs = 178,568."""
     block = ast.get_docstring(ast.parse((REPO / "train/rlvr.py").read_text())).split("Tulu 3 8B RLVR")[1]
     argv = shlex.split(" ".join(line.strip().rstrip("\\") for line in block.split("\n\n")[0].splitlines()[1:]))

@@ -12,8 +12,8 @@ from conftest import read_metrics, torchrun
 from rm_reference import pair_scores, reference_run
 from tulu.model import load_tokenizer
 from tulu.packing import pack, pad
-from tulu.reward import (build_pref_data, collate_pairs, keep_pair, last_token_index, score_head_init,
-                         sequence_scores, tokenize_pair, token_scores)
+from tulu.reward import (build_pref_data, collate_rm_pairs, keep_pair, last_token_index, score_head_init,
+                         last_token_scores, tokenize_rm_pair, token_scores)
 from tulu.tiny import tiny_dir
 
 DEV = torch.device("cpu")
@@ -51,9 +51,9 @@ def test_score_at_last_real_token_padded_left_right_packed(tiny_rm):
     alone = torch.stack([tiny_rm.score(tiny_rm.model(input_ids=torch.tensor([s])).last_hidden_state)[0, -1, 0]
                          for s in seqs])
     docs = [{"input_ids": s, "labels": s} for s in seqs]
-    right = sequence_scores(tiny_rm, pad(docs, pad_id=1), DEV)
-    left = sequence_scores(tiny_rm, _left_pad(seqs, pad_id=1), DEV)
-    packed = sequence_scores(tiny_rm, pack(docs, pad_id=1), DEV)
+    right = last_token_scores(tiny_rm, pad(docs, pad_id=1), DEV)
+    left = last_token_scores(tiny_rm, _left_pad(seqs, pad_id=1), DEV)
+    packed = last_token_scores(tiny_rm, pack(docs, pad_id=1), DEV)
     for got in (right, left, packed):
         assert (got - alone).abs().max().item() <= 1e-5, (got, alone)
     # HF's own pooling agrees where it is defined (right padding, pad id never in the text).
@@ -75,12 +75,12 @@ def test_pair_batches_split_chosen_then_rejected(tiny_rm):
     rows = [{"chosen_input_ids": c, "rejected_input_ids": r} for c, r in zip(_seqs([5, 9, 4], 1), _seqs([6, 3, 8], 2))]
     ref = torch.tensor([[pair_scores(tiny_rm, row)[i] for i in range(2)] for row in rows])  # (3, 2)
     for packing in (True, False):
-        batch = collate_pairs(rows, pad_id=1, packing=packing)
-        s = sequence_scores(tiny_rm, batch, DEV)
+        batch = collate_rm_pairs(rows, pad_id=1, packing=packing)
+        s = last_token_scores(tiny_rm, batch, DEV)
         assert batch["pairs"] == 3
         assert (s[:3] - ref[:, 0]).abs().max() <= 1e-5 and (s[3:] - ref[:, 1]).abs().max() <= 1e-5
-    dummy = collate_pairs([], pad_id=1, packing=False)
-    assert dummy["pairs"] == 0 and sequence_scores(tiny_rm, dummy, DEV).shape == (1,)
+    dummy = collate_rm_pairs([], pad_id=1, packing=False)
+    assert dummy["pairs"] == 0 and last_token_scores(tiny_rm, dummy, DEV).shape == (1,)
 
 
 def test_score_path_gradient_matches_hand_written_loss(tiny_rm):
@@ -88,8 +88,9 @@ def test_score_path_gradient_matches_hand_written_loss(tiny_rm):
     from tulu.losses import bradley_terry_loss
 
     rows = [{"chosen_input_ids": c, "rejected_input_ids": r} for c, r in zip(_seqs([5, 9, 4, 7], 3), _seqs([6, 3, 8, 7], 4))]
-    s = sequence_scores(tiny_rm, collate_pairs(rows, 1, True), DEV)
+    s = last_token_scores(tiny_rm, collate_rm_pairs(rows, 1, True), DEV)
     loss, m = bradley_terry_loss(s[:4], s[4:])
+    loss, m = loss / 4, {k: v / 4 for k, v in m.items()}  # sums over the 4 pairs -> per-pair means
     with torch.no_grad():
         ref = [pair_scores(tiny_rm, row) for row in rows]
     hand = sum(math.log1p(math.exp(-(c - r))) for c, r in ref) / 4
@@ -120,7 +121,7 @@ def test_head_init_is_seeded_with_the_intended_std():
 def test_tokenization_and_length_filter():
     tok = load_tokenizer("tulu/tiny")
     prompt = [{"role": "user", "content": "What is 12 + 30?"}]
-    ids = tokenize_pair(tok, prompt + [{"role": "assistant", "content": "42"}],
+    ids = tokenize_rm_pair(tok, prompt + [{"role": "assistant", "content": "42"}],
                         prompt + [{"role": "assistant", "content": "41 and more words"}])
     assert ids["chosen_input_ids"][:len(ids["prompt_input_ids"])] == ids["prompt_input_ids"]
     assert ids["chosen_input_ids"][-1] == tok.eos_token_id and ids["rejected_input_ids"][-1] == tok.eos_token_id

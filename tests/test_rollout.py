@@ -1,4 +1,4 @@
-"""Rollout engines and the pool (issue 7): TorchEngine against transformers and a fresh forward;
+"""Rollout engines and the pool: TorchEngine against transformers and a fresh forward;
 the pool's ordering, remote attach, timeouts and dead-engine detection (every wait is bounded)."""
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def test_stop_tokens(engine):
 
 def test_period_stop_token_also_stops_at_eos(engine):
     """train/rlvr.py --stop_token period: the original's vLLM stopped at EOS and the response was cut
-    after its first '.' (shared reference §5.1, §5.5). So a completion must end at whichever of '.'
+    after its first '.' (open-instruct ppo_vllm_thread_ray_gtrl.py:830-831, 1084-1087
+    @e363290). So a completion must end at whichever of '.'
     and EOS comes first: the free-running completion (same seeds) cut there, its log-probs unchanged."""
     from transformers import AutoTokenizer
 
@@ -157,7 +158,8 @@ def _free_port() -> int:
 def test_pool_order_remote_attach_timeout_and_dead_engine(engine, tmp_path):
     """One local engine + one attached via `python -m rollout.serve --connect`: results in prompt
     order and equal to the in-process engine; a timeout and a SIGKILLed engine raise, naming it."""
-    from rollout.pool import EngineDied, EnginePool, EngineTimeout
+    from rollout.errors import EngineDied, EngineTimeout
+    from rollout.pool import EnginePool
 
     port, key = _free_port(), secrets.token_bytes(16)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
@@ -198,7 +200,8 @@ def test_pool_order_remote_attach_timeout_and_dead_engine(engine, tmp_path):
 
 @pytest.mark.slow
 def test_engine_failing_at_startup_is_reported(tmp_path):
-    from rollout.pool import EngineDied, EnginePool
+    from rollout.errors import EngineDied
+    from rollout.pool import EnginePool
 
     with pytest.raises(EngineDied, match=r"engine-0 .*exited with code 1 during start-up"):
         EnginePool.start(str(tmp_path / "no-such-model"), num_engines=1, threads=1, start_timeout_s=60)

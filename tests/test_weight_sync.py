@@ -1,4 +1,4 @@
-"""Weight sync (issue 7): bucket planning, and trainer -> engine log-prob parity after a sync with
+"""Weight sync: bucket planning, and trainer -> engine log-prob parity after a sync with
 a 1-rank and a 2-rank FSDP trainer (gloo, multi-process), plus the vLLM variant on one shared GPU
 (tests/test_vllm.py has the vLLM checks that run on CPU too).
 
@@ -87,7 +87,8 @@ def test_sync_sends_the_engine_dtype_and_waits_out_a_long_generation():
     from transformers import AutoModelForCausalLM
 
     from rollout.engine import SamplingParams, TorchEngine
-    from rollout.pool import EnginePool, EngineTimeout
+    from rollout.errors import EngineTimeout
+    from rollout.pool import EnginePool
     from rollout.weight_sync import WeightSync
     from tulu.tiny import tiny_dir
 

@@ -7,32 +7,31 @@ Tulu 3 8B SFT (open-instruct docs/tulu3.md; 8 nodes x 8 GPUs):
     torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29400 train/sft.py \
       --model_name_or_path meta-llama/Llama-3.1-8B --tokenizer_name meta-llama/Llama-3.1-8B \
       --use_flash_attn --max_seq_length 4096 --per_device_train_batch_size 1 --gradient_accumulation_steps 2 \
-      --learning_rate 5e-06 --lr_scheduler_type linear --warmup_ratio 0.03 --weight_decay 0.0 --num_train_epochs 2 \
+      --learning_rate 5e-06 --lr_scheduler_type linear --warmup_ratio 0.03 --weight_decay 0.0 \
+      --num_train_epochs 2 \
       --output_dir output/sft_8b --with_tracking --report_to wandb --logging_steps 1 --reduce_loss sum \
       --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 --checkpointing_steps epoch --seed 123
 """
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Literal
 
-import torch
 from tqdm import tqdm
 
+from tulu.checkpoint import maybe_resume, maybe_save
 from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
-from tulu.checkpoint import export_hf
-from tulu.data import build_sft_data, epoch_permutation, rank_microbatches, step_samples
-from tulu.dist import all_reduce, entrypoint, init_dist, print0, shutdown
-from tulu.fsdp import resolve_compute_dtype
+from tulu.data import StepBatches, build_sft_data
+from tulu.dist import all_reduce, entrypoint, print0, shutdown
+from tulu.export import export_hf
 from tulu.lm_head import head_logprobs, next_token_targets
-from tulu.losses import sft_loss, sft_loss_from_logprobs
-from tulu.metrics import Metrics, mfu, model_flops_per_token, peak_flops, start_tracker
-from tulu.mixer import parse_mixer
-from tulu.model import build_model, flash_attn_or_fallback, load_tokenizer
-from tulu.optim import build_optimizer, build_scheduler
+from tulu.loop import Throughput, batch_tokens, clip_and_step, finish, start_run
+from tulu.losses import IGNORE_INDEX, sft_loss, sft_loss_from_logprobs, sft_weight
+from tulu.metrics import mfu, model_flops_per_token, peak_flops, run_metrics
+from tulu.mixer import training_mixer
+from tulu.model import build_model
+from tulu.optim import build_optimizer
 from tulu.packing import model_inputs, pack, pad
-from tulu.resume import StopRequest, hold_output_dir, maybe_resume, maybe_save
 
 
 @dataclasses.dataclass
@@ -68,9 +67,10 @@ def plan(args: Args, mixer: dict) -> None:
 
     world = default_world(args.preset, args.dry_run_world_size)
     G = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-    steps, schedule = steps_line(count_rows(mixer), G, args.num_train_epochs, args.max_train_steps, args.warmup_ratio)
-    lines = [("global batch", f"{G} sequences ({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} "
-                              f"x {world} ranks)"), *schedule]
+    steps, schedule = steps_line(count_rows(mixer), G, args.num_train_epochs, args.max_train_steps,
+                                 args.warmup_ratio)
+    lines = [("global batch", f"{G} sequences ({args.per_device_train_batch_size} x "
+                              f"{args.gradient_accumulation_steps} x {world} ranks)"), *schedule]
     if args.max_seq_length:  # without a truncation length the bound is the data's longest row
         lines.insert(1, ("tokens / step (at most)", G * args.max_seq_length))
         if steps:
@@ -84,105 +84,95 @@ def plan(args: Args, mixer: dict) -> None:
 
 @entrypoint  # one rank's crash: its traceback shown once, every rank stopped
 def main(args: Args) -> None:
-    given = args.dataset_mixer_list is not None or args.dataset_mixer is not None
-    mixer = parse_mixer(args.dataset_mixer_list, args.dataset_mixer) if given else {"tulu/synth-sft": 1.0}
+    mixer, _ = training_mixer(args.dataset_mixer_list, args.dataset_mixer, embedded="tulu/synth-sft")
     if args.dry_run:
         return plan(args, mixer)
-    d = init_dist()
-    hold_output_dir(args.output_dir, d.is_main)  # one writer per output_dir (flock; names the holder)
-    args.use_flash_attn = flash_attn_or_fallback(args.use_flash_attn, d.device)  # else sdpa, said once
-    stop = StopRequest()
-    torch.manual_seed(args.seed)
-    compute_dtype = resolve_compute_dtype(args.mixed_precision, d.device)
-    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.model_revision,
-                               args.chat_template_name, args.use_slow_tokenizer)
+    d, stop, compute_dtype, attn = start_run(args)  # tulu.loop: process group, output_dir, stop, seed
+    tokenizer = args.load_tokenizer()
     data = build_sft_data(mixer, tokenizer, args.max_seq_length, args.skip_bad_rows, args.dataset_mix_dir,
                           args.preprocessing_num_workers, d.is_main)
-    model = build_model(args.model_name_or_path, d.device, revision=args.model_revision, vocab_size=len(tokenizer),
-                        attn_implementation="flash_attention_2" if args.use_flash_attn else "sdpa",
+    # Built on the meta device, sharded, then each rank reads only its own rows (tulu/model.py).
+    model = build_model(args.model_name_or_path, d.device, revision=args.model_revision,
+                        vocab_size=len(tokenizer), attn_implementation=attn,
                         compute_dtype=compute_dtype, cpu_offload=args.cpu_offload,
                         reshard_after_forward=args.reshard_after_forward,
                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+    modules = {"model": (model, optimizer)}  # what a checkpoint holds
 
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * d.world
-    steps_per_epoch = -(-len(data) // global_batch)
-    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    scheduler = build_scheduler(optimizer, total_steps, int(total_steps * args.warmup_ratio), args.lr_scheduler_type)
+    global_batch, steps_per_epoch, total_steps, scheduler = args.schedule(optimizer, len(data), d.world)
+    batches_of = StepBatches(data.lengths, args.seed, global_batch, d.rank, d.world,
+                             args.per_device_train_batch_size, args.gradient_accumulation_steps, args.packing)
+    # The newest complete checkpoint under output_dir, if any (any world size): weights, AdamW state,
+    # the schedule and the data position, so the loss curve continues exactly.
+    start_step = maybe_resume(args, modules, [scheduler], global_batch, d)
     n_params = sum(p.numel() for p in model.parameters())
     seq_len = args.max_seq_length or int(data.lengths.max())  # no truncation: the longest conversation
     flops_tok, peak = model_flops_per_token(model, seq_len), peak_flops(d.device)
-    metrics = Metrics(args.output_dir, d.is_main, d.device, start_tracker(args, dataclasses.asdict(args)))
-    start_step = maybe_resume(args, {"model": (model, optimizer)}, scheduler, global_batch, d.rank, d.world)
-    print0(f"[sft] {len(data)} examples, {n_params / 1e6:.2f}M params, world {d.world}, global batch {global_batch}, "
-           f"{total_steps} steps, reduce_loss={args.reduce_loss}, packing={args.packing}, dtype={compute_dtype}")
+    metrics, _ = run_metrics(args, d)
+    print0(f"[sft] {len(data)} examples, {n_params / 1e6:.2f}M params, world {d.world}, "
+           f"global batch {global_batch}, {total_steps} steps, reduce_loss={args.reduce_loss}, "
+           f"packing={args.packing}, dtype={compute_dtype}")
 
+    # A packed row holds at most what a padded micro-batch of per_device sequences would.
     capacity = args.per_device_train_batch_size * seq_len
     collate = pack if args.packing else pad
-    window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
-    perm_epoch, stopped = None, False
+    throughput = Throughput()
+    stopping = False
     for step in tqdm(range(start_step, total_steps), disable=not d.is_main, desc="sft", mininterval=5,
                      initial=start_step, total=total_steps):
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if perm_epoch != epoch:
-            perm, perm_epoch = epoch_permutation(len(data), args.seed, epoch), epoch
-        samples = step_samples(perm, step_in_epoch, global_batch)
-        mbs = rank_microbatches(samples, data.lengths, d.rank, d.world, args.per_device_train_batch_size,
-                                args.gradient_accumulation_steps, args.packing, capacity)
-        batches = [collate(data.rows(mb), tokenizer.pad_token_id) for mb in mbs]
-        # The step's trained-token count, across micro-batches and ranks, before any backward; a
-        # stop request rides along so every rank agrees on when to stop (read after the step).
-        local_tokens = sum((b["labels"][:, 1:] != -100).sum() for b in batches).float()
-        counts = all_reduce(torch.stack([local_tokens, torch.tensor(float(stop.requested))]).to(d.device))
-        global_tokens = counts[0]
-        # mean: average over the micro-batches actually run; sum: the original's fixed 1/(GA·W).
-        grad_accum = len(batches) if args.reduce_loss == "mean" else args.gradient_accumulation_steps
+        _, mbs = batches_of(step, capacity)  # this rank's micro-batches (row ids) of the step's global batch
+        batches = [collate(data.rows(mb), tokenizer.pad_token_id) for mb in mbs]  # on the host
+        # The step's trained-token count over every micro-batch and rank, BEFORE any backward: the
+        # token_mean weight divides by it. Sync point: one all-reduce of one number, read by no host.
+        local_tokens = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches).float()
+        global_tokens = all_reduce(local_tokens.to(d.device))
         for batch in batches:
-            inputs, labels = model_inputs(batch, d.device, args.use_flash_attn), batch["labels"].to(d.device)
+            inputs, labels = model_inputs(model, batch, d.device), batch["labels"].to(d.device)
             if args.chunked_lm_head:  # targets[:, t] = the token after t: the shift happens here
                 targets = next_token_targets(labels)
-                token_logps, _ = head_logprobs(model, inputs, targets)  # (B, T) fp32
-                loss, m = sft_loss_from_logprobs(token_logps, targets, args.reduce_loss, grad_accum, d.world,
-                                                 global_tokens)
+                ce_sum, m = sft_loss_from_logprobs(head_logprobs(model, inputs, targets)[0], targets)
             else:
-                logits = model(**inputs).logits  # (B, T, V)
-                loss, m = sft_loss(logits, labels, args.reduce_loss, grad_accum, d.world, global_tokens)
-            loss.backward()
-            metrics.add("train/loss", loss.detach() * len(batches))  # averaged over micro-batches: = their sum
-            metrics.add("train/ce_sum", m["ce_sum"])
+                ce_sum, m = sft_loss(model(**inputs).logits, labels)  # logits (B, T, V)
+            # The one normalization (tulu.losses.micro_batch_weight): FSDP sums the ranks' gradients,
+            # so weight · Σ CE over every micro-batch and rank is exactly the step's objective.
+            weight, share = sft_weight(args.reduce_loss, m["tokens"], global_tokens, len(batches),
+                                       args.gradient_accumulation_steps, d.world)
+            (weight * ce_sum).backward()  # each FSDP unit's reduce-scatter (a collective) runs in here
+            # The loss is logged as the step's objective: the share is what this micro-batch is of it.
+            metrics.add("train/loss", weight * ce_sum.detach(), share)
+            metrics.add("train/ce_sum", ce_sum.detach())
             metrics.add("train/tokens", m["tokens"])
-            window_tokens += int(batch["input_ids"].numel()) if args.packing else int(batch["attention_mask"].sum())
-            window_slots += int(batch["input_ids"].numel())
-        # Pre-clip global norm (a collective over ranks); an infinite max_norm only measures it.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"))
-        metrics.add("train/grad_norm", grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        stopping = bool(counts[1] > 0)  # a host read of a tensor the step finished with long ago
+            throughput.add(*batch_tokens(batch))  # host integers: no sync
+        # The global gradient norm is an all-reduce over ranks; it stays on the device until a log step.
+        metrics.add("train/grad_norm", clip_and_step(model, optimizer, scheduler, args.clip_grad_norm))
+        # Sync point: whether any rank got SIGTERM, agreed by all: a host tensor over gloo, so it never
+        # waits for the device's queue of work.
+        stopping = stop.agreed()
 
+        # The log step is the one host sync of the loop: one all-reduce of every metric, then .tolist().
         if (step + 1) % args.logging_steps == 0 or step + 1 == total_steps or stopping:
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / elapsed
+            seconds, tps, padding = throughput.lap()
             extra = {"train/lr": scheduler.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
-                     "perf/tokens_per_s_per_device": tps, "perf/padding_fraction": 1 - window_tokens / max(1, window_slots)}
-            extra.update(mfu([(window_tokens, flops_tok)], [], elapsed, peak))
-            out = metrics.log(step + 1, extra, ratios={"train/loss_per_token": ("train/ce_sum", "train/tokens")})
+                     "perf/tokens_per_s_per_device": tps, "perf/padding_fraction": padding,
+                     **mfu([(tps * seconds, flops_tok)], [], seconds, peak)}
+            out = metrics.log(step + 1, extra,
+                              ratios={"train/loss_per_token": ("train/ce_sum", "train/tokens")})
             if d.is_main:
                 tqdm.write(f"step {step + 1}/{total_steps} loss {out['train/loss']:.4f} "
-                           f"loss/token {out['train/loss_per_token']:.4f} lr {extra['train/lr']:.2e} tok/s/dev {tps:.0f}")
-            window_tokens, window_slots, window_start = 0, 0, time.perf_counter()
+                           f"loss/token {out['train/loss_per_token']:.4f} lr {extra['train/lr']:.2e} "
+                           f"tok/s/dev {tps:.0f}")
 
-        maybe_save(args, step + 1, steps_per_epoch, stopping, {"model": (model, optimizer)}, global_batch,
-                   d.rank, d.world, lambda folder: export_hf(model, tokenizer, folder, d.is_main))
+        # A checkpoint when --checkpointing_steps says so or on a stop request (every rank writes its
+        # own rows; rank 0 marks it COMPLETE last, so a crash mid-save never looks complete).
+        maybe_save(args, step + 1, steps_per_epoch, stopping, modules, global_batch, d,
+                   lambda folder: export_hf(model, tokenizer, folder, d.is_main))
         if stopping:
-            stopped = True
             break
 
-    if not stopped:
-        export_hf(model, tokenizer, args.output_dir, d.is_main)
-        print0(f"[sft] saved Hugging Face model to {args.output_dir}")
-    del model, optimizer, scheduler
+    # The final Hugging Face export gathers each parameter in turn (a collective on every rank).
+    finish("sft", stopping, model, tokenizer, args.output_dir, d.is_main)
+    del model, optimizer, scheduler, modules
     shutdown()
 
 

@@ -1,8 +1,8 @@
 """Advantages: GAE and returns for PPO, whitening, and group-normalized advantages for GRPO.
 
 Pure functions of tensors. Shapes: B = sequences, T = response tokens.
-Sources: open-instruct ppo_vllm_thread_ray_gtrl.py @e363290 (shared reference §5.6) and
-grpo_vllm_thread_ray_gtrl.py 648539372 (§10).
+Sources: open-instruct ppo_vllm_thread_ray_gtrl.py:1193-1204 @e363290 (GAE, whitening) and
+grpo_vllm_thread_ray_gtrl.py 648539372.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def whiten_global(
 ) -> torch.Tensor:
     """(x − mean)·rsqrt(var + eps) over the masked positions of EVERY rank's x; 0 on padding.
 
-    Two passes, as the original's masked_var (shared reference §5.6): mean = Σx / n from all-reduced
+    Two passes, as the original's masked_var (ppo_vllm_thread_ray_gtrl.py:460): mean = Σx / n from all-reduced
     [Σx, n], then var = Σ(x − mean)² / (n − 1) from a second all-reduce (unbiased, + eps). The
     one-pass E[x²] − mean² cancels catastrophically when |mean| >> std (it can even go negative,
     NaN from rsqrt); the sums run in float64 for the same reason. all_reduce: an in-place sum over

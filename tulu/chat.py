@@ -1,7 +1,7 @@
 """Chat templates and tokenization with assistant-only labels.
 
 The "tulu" template is the one the released Tulu 3 models use (open-instruct
-`dataset_processor.CHAT_TEMPLATES["tulu"]` @e363290; shared reference §7.2): no BOS, the eos token
+`dataset_processor.CHAT_TEMPLATES["tulu"]` @e363290, dataset_processor.py:133): no BOS, the eos token
 closes every assistant turn, a newline follows it unless it is the last message.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class DataError(ValueError):
 
 
 def setup_tokenizer(tokenizer, chat_template_name: str = "tulu"):
-    """Tulu 3 tokenizer fix-ups (shared reference §2.2): add `<pad>` when there is no pad token and
+    """Tulu 3 tokenizer fix-ups (finetune.py:666-689 @e363290): add `<pad>` when there is no pad token and
     install the chat template (a CHAT_TEMPLATES key; any other value keeps the tokenizer's own)."""
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
@@ -61,14 +61,15 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of rendered text. No special tokens added: the template has no BOS (shared ref §7.2)."""
+    """Token ids of rendered text. No special tokens added: the template has no BOS
+    (dataset_processor.py:133 @e363290)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def tokenize_sft(tokenizer, messages: list[dict], max_seq_length: int | None) -> dict | None:
     """input_ids and labels for one conversation; only assistant content and its eos are trained.
 
-    Mask by prefix lengths exactly as open-instruct `encode_sft_example` (shared ref §7.3): each
+    Mask by prefix lengths exactly as open-instruct `encode_sft_example` (finetune.py:382 @e363290): each
     non-assistant message's span, plus the `<|assistant|>\\n` that follows it, is IGNORE_INDEX.
     Right truncation at max_seq_length. Returns None when no trainable token is left.
     """

@@ -44,6 +44,14 @@ class ModelArgs:
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Compute dtype; master weights, gradient reduction and optimizer stay fp32. auto = bf16 on GPU, fp32 on CPU."""
 
+    def load_tokenizer(self, chat_template: str | None = None):
+        """The tokenizer these flags name (--tokenizer_name, else the model's) with the chat template
+        (`chat_template`, else --chat_template_name) set up (tulu.chat)."""
+        from tulu.model import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_name or self.model_name_or_path, self.model_revision,
+                              chat_template or self.chat_template_name, self.use_slow_tokenizer)
+
 
 @dataclasses.dataclass
 class OptimArgs:
@@ -65,6 +73,18 @@ class OptimArgs:
     """Passes over the training data."""
     max_train_steps: int | None = None
     """Stop after this many optimizer steps (overrides num_train_epochs for the schedule)."""
+
+    def schedule(self, optimizer, examples: int, world: int):
+        """(global batch, steps per epoch, optimizer steps, the lr schedule over them) for `examples`
+        training rows on `world` ranks. The epoch's last step wraps around (tulu.data.step_samples), so
+        every step holds exactly the global batch."""
+        from tulu.optim import build_scheduler
+
+        global_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps * world
+        steps_per_epoch = -(-examples // global_batch)
+        total = self.max_train_steps or self.num_train_epochs * steps_per_epoch
+        scheduler = build_scheduler(optimizer, total, int(total * self.warmup_ratio), self.lr_scheduler_type)
+        return global_batch, steps_per_epoch, total, scheduler
     seed: int = 42
     """Seed for data order, weight init of new rows and every RNG the run draws from."""
 
@@ -109,6 +129,37 @@ class CheckpointArgs:
         if not spec.isdigit() or int(spec) <= 0:
             raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {spec!r}")
         return completed_steps % int(spec) == 0
+
+
+@dataclasses.dataclass
+class EngineArgs:
+    """The rollout engine pool (rollout/): which engines, where, in which dtype, how they are checked."""
+    engine: Literal["auto", "torch", "vllm"] = "auto"
+    """Rollout engine: vllm on GPU, torch (TorchEngine) on CPU."""
+    vllm_num_engines: int = 1
+    """Engine processes (each its own GPU(s), or a share of CPU threads)."""
+    vllm_tensor_parallel_size: int = 1
+    """GPUs per vLLM engine."""
+    vllm_gpu_memory_utilization: float = 0.9
+    """Fraction of each engine GPU's memory vLLM may take (weights + KV cache; vLLM's default)."""
+    vllm_kv_cache_gib: float | None = None
+    """vLLM KV cache size per engine (default: from vllm_gpu_memory_utilization on GPU; 1 GiB on CPU)."""
+    vllm_enforce_eager: bool = False
+    """Run vLLM without torch.compile / CUDA graphs (faster start, slower decoding; always on CPU here)."""
+    engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights the engines sample with (auto: bf16 for vLLM on GPU, fp32 on CPU); they are sent in it."""
+    sync_check_steps: int | None = None
+    """Every N steps, after the weight sync, every engine samples a fixed probe batch that the trainer
+    scores; a gap above sync_check_tol stops the run naming the engine. Default: every step in sync
+    mode, off in async mode; 0: off."""
+    sync_check_tol: float | None = None
+    """Mean |Δ log p| per probe token allowed (default 1e-3 for fp32 engines, 0.1 for bf16 ones:
+    bf16 kernels alone differ by ~1e-2, so there only a garbled or skipped sync of a moving model shows)."""
+    async_mode: bool = True
+    """Generate the next batch while training on this one (one step off-policy, as the original)."""
+    engine_timeout_s: float = 3600.0
+    """Longest an engine may take to generate one batch. Trainer ranks wait for generation without a
+    collective timeout (the original waited without limit); this is what ends a hung engine's run."""
 
 
 @dataclasses.dataclass

@@ -160,3 +160,28 @@ def rank_microbatches(samples: list[int], lengths: np.ndarray, rank: int, world:
     capacity = min(capacity, max(max(sizes), -(-sum(sizes) // (world * grad_accum))))
     bins = best_fit_decreasing(sizes, capacity)
     return [[samples[i] for i in b] for b in deal_bins(bins, sizes, world)[rank]]
+
+
+class StepBatches:
+    """What each optimizer step trains on: `batches(step, capacity)` returns the step's global batch
+    (global_batch row ids, the same on every rank) and this rank's micro-batches of it (lists of row
+    ids). Epochs reshuffle with epoch_permutation; the epoch's permutation is kept between steps.
+    capacity: the largest packed row in tokens, or a function of the step's rows that gives it."""
+
+    def __init__(self, lengths: np.ndarray, seed: int, global_batch: int, rank: int, world: int, per_device: int,
+                 grad_accum: int, packing: bool):
+        self.lengths, self.seed, self.global_batch = lengths, seed, global_batch
+        self.rank, self.world, self.per_device, self.grad_accum, self.packing = rank, world, per_device, grad_accum, packing
+        self.steps_per_epoch = -(-len(lengths) // global_batch)
+        self._perm, self._epoch = None, None
+
+    def __call__(self, step: int, capacity) -> tuple[list[int], list[list[int]]]:
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        if self._epoch != epoch:
+            self._perm, self._epoch = epoch_permutation(len(self.lengths), self.seed, epoch), epoch
+        samples = step_samples(self._perm, step_in_epoch, self.global_batch)
+        if callable(capacity):
+            capacity = capacity(samples)
+        return samples, rank_microbatches(samples, self.lengths, self.rank, self.world, self.per_device,
+                                          self.grad_accum, self.packing, capacity)
+

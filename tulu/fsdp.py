@@ -2,10 +2,14 @@
 
 `apply_fsdp` never builds or loads anything: call it on a model built on the meta device, then
 materialize and load weights (tulu/model.py). Mixed precision = bf16 compute on fp32 master weights
-with fp32 gradient reduction; CPU offload = parameters, gradients and optimizer state on the host
+with fp32 gradient reduction, summed over ranks (the scripts' loss weights carry the normalization);
+CPU offload = parameters, gradients and optimizer state on the host
 (the ZeRO-3-offload equivalent); activation checkpointing recomputes each block in backward.
 """
 from __future__ import annotations
+
+import contextlib
+import math
 
 import torch
 from torch.distributed._composable import checkpoint
@@ -68,7 +72,19 @@ def apply_fsdp(
         fully_shard(emb_out, reshard_after_forward=False, **kw)
     # The root holds what is left (final norm; tied embeddings; a reward head).
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+    sum_gradients_over_ranks(model)
     return model
+
+
+def sum_gradients_over_ranks(model: torch.nn.Module) -> None:
+    """Make every FSDP unit SUM the ranks' gradients instead of averaging them (torchtitan does the
+    same): the scripts weight each micro-batch's summed loss by its share of the whole step
+    (tulu.losses.micro_batch_weight), so the reduction must not divide by the world size again.
+    Sum-only collectives: gloo has no PREMUL_SUM, the op a divide factor would otherwise use."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -82,3 +98,25 @@ def reshard(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+@contextlib.contextmanager
+def no_grad_forward(*models: torch.nn.Module | None):
+    """`with no_grad_forward(reference): out = reference(...)`: a forward that no backward follows
+    (a frozen model, scoring, evaluation), then every FSDP unit of `models` back in shards (reshard)."""
+    with torch.no_grad():
+        yield
+    for model in models:
+        if model is not None:
+            reshard(model)
+
+
+def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's piece of a (possibly FSDP-sharded, dim-0) parameter and its first global row: what
+    loading, checkpoints and memory counts read. FSDP2 gives rank r rows [r·⌈n/W⌉, (r+1)·⌈n/W⌉)."""
+    if not hasattr(p, "to_local"):
+        return p.data, 0
+    local = p.to_local()
+    mesh = p.device_mesh
+    chunk = math.ceil(p.shape[0] / mesh.size()) if p.ndim else 0
+    return local, chunk * mesh.get_local_rank()

@@ -4,6 +4,7 @@ except `log()`, which the loop calls only on log steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -52,21 +53,29 @@ def mfu(trained: list[tuple[int, float]], forward_only: list[tuple[int, float]],
 
 
 class Metrics:
-    """add(name, value) accumulates a running mean per name on this rank; log(step) averages each
-    name over the window and over ranks (every rank must call log: it is a collective)."""
+    """add(name, value, weight) accumulates on this rank; log(step) reports, per name, Σ value / Σ weight
+    over the window and over every rank (every rank must call log: it is a collective).
+
+    value is a sum over `weight` units: a DPO micro-batch adds its summed accuracy with weight = its
+    pairs, so the log is the per-pair mean of the window, however pairs fell on micro-batches and
+    ranks. A plain observation has weight 1. A loss adds `weight · loss` with weight `weight · count`,
+    the micro-batch's share of the step (tulu.losses.micro_batch_weight): the shares of a step sum to
+    1, so the log is the step's objective, averaged over the window's steps."""
 
     def __init__(self, output_dir: str, is_main: bool, device: torch.device, tracker=None):
         self.is_main, self.device, self.tracker = is_main, device, tracker
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.weights: dict[str, torch.Tensor] = {}
         self.path = Path(output_dir) / "metrics.jsonl"
         if is_main:
             os.makedirs(output_dir, exist_ok=True)
 
-    def add(self, name: str, value: torch.Tensor | float) -> None:
-        value = value.detach().float().to(self.device) if torch.is_tensor(value) else torch.tensor(float(value), device=self.device)
-        self.sums[name] = self.sums.get(name, 0) + value
-        self.counts[name] = self.counts.get(name, 0) + 1
+    def _tensor(self, x) -> torch.Tensor:  # stays on device: no host sync outside log()
+        return x.detach().float().to(self.device) if torch.is_tensor(x) else torch.tensor(float(x), device=self.device)
+
+    def add(self, name: str, value: torch.Tensor | float, weight: torch.Tensor | float = 1.0) -> None:
+        self.sums[name] = self.sums.get(name, 0) + self._tensor(value)
+        self.weights[name] = self.weights.get(name, 0) + self._tensor(weight)
 
     def log(self, step: int, extra: dict[str, float] | None = None,
             ratios: dict[str, tuple[str, str]] | None = None) -> dict[str, float]:
@@ -75,19 +84,27 @@ class Metrics:
         names = sorted(self.sums)  # same order on every rank (all ranks add the same names)
         out: dict[str, float] = {}
         if names:
-            local = torch.stack([self.sums[n] / self.counts[n] for n in names])  # (M,)
-            values = all_reduce(local, "avg").tolist()  # the one host sync of a log step
-            out = dict(zip(names, values))
+            local = torch.stack([self.sums[n] for n in names] + [self.weights[n] for n in names])  # (2M,)
+            total = all_reduce(local).tolist()  # the one host sync of a log step
+            out = {n: v / w if w else float("nan") for n, v, w in zip(names, total[:len(names)], total[len(names):])}
         out.update(extra or {})
         for name, (num, den) in (ratios or {}).items():
             out[name] = out[num] / max(out[den], 1e-12)
-        self.sums, self.counts = {}, {}
+        self.sums, self.weights = {}, {}
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, "time": time.time(), **out}) + "\n")
             if self.tracker is not None:
                 self.tracker.log(out, step=step)
         return out
+
+
+def run_metrics(args, d) -> tuple[Metrics, Metrics]:
+    """The run's two metric windows, on one tracker (wandb with --with_tracking): training lines, and
+    eval lines, kept apart so that an evaluation never flushes a half-filled training window."""
+    tracker = start_tracker(args, dataclasses.asdict(args))
+    return (Metrics(args.output_dir, d.is_main, d.device, tracker),
+            Metrics(args.output_dir, d.is_main, d.device, tracker))
 
 
 def start_tracker(args, config: dict):

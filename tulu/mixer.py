@@ -1,4 +1,4 @@
-"""Dataset mixer with open-instruct's semantics (shared reference §7.4).
+"""Dataset mixer with open-instruct's semantics (utils.py:174 `get_datasets` @e363290).
 
 `--dataset_mixer_list name1 1.0 name2 5000` (or the JSON dict form `{"name1": 1.0, "name2": 5000}`):
 a value containing "." is a fraction of that dataset, otherwise a row count (`1` alone is the whole
@@ -20,6 +20,14 @@ from tulu.chat import DataError
 
 MIX_SEED = 42  # open-instruct get_datasets: dataset.shuffle(seed=42)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def training_mixer(mixer_list: list[str] | None, mixer: str | None, embedded: str) -> tuple[dict, bool]:
+    """(the training mixture the flags give, True), or ({embedded: 1.0}, False) when they give none:
+    the embedded default's synthetic set (whose held-out set the scripts then evaluate on)."""
+    if mixer_list is None and mixer is None:
+        return {embedded: 1.0}, False
+    return parse_mixer(mixer_list, mixer), True
 
 
 def parse_mixer(mixer_list: list[str] | None = None, mixer: str | dict | None = None) -> dict[str, float | int]:

@@ -7,12 +7,11 @@ whole model. Export goes the other way: a streamed gather, one output shard at a
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
-from tulu.fsdp import DTYPES, apply_fsdp
+from tulu.fsdp import DTYPES, apply_fsdp, local_rows
 from tulu.tensorfile import TensorFile
 from tulu.tiny import TINY_NAME, tiny_dir
 
@@ -81,16 +80,6 @@ def _weight_index(path: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"{path}: no safetensors weights ({' or '.join(WEIGHT_FILES)}); .bin files are not loaded")
 
 
-def _local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """This rank's piece of a (possibly FSDP-sharded, dim-0) parameter and its first global row."""
-    if not hasattr(p, "to_local"):
-        return p.data, 0
-    local = p.to_local()
-    mesh = p.device_mesh
-    chunk = math.ceil(p.shape[0] / mesh.size()) if p.ndim else 0
-    return local, chunk * mesh.get_local_rank()
-
-
 @torch.no_grad()
 def load_weights(model: torch.nn.Module, path: Path, init_missing=None, seed: int = 0) -> dict[str, list[str]]:
     """Fill every parameter's local shard from `path`'s safetensors files, reading only its rows.
@@ -105,7 +94,7 @@ def load_weights(model: torch.nn.Module, path: Path, init_missing=None, seed: in
     handles: dict[Path, TensorFile] = {}
     missing = []
     for name, p in model.named_parameters():
-        local, row0 = _local_rows(p)
+        local, row0 = local_rows(p)
         if local.numel() == 0:
             continue
         start, stop = row0, row0 + local.shape[0]  # this rank's global rows

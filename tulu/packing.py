@@ -92,9 +92,11 @@ def pad(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def model_inputs(batch: dict, device: torch.device, flash: bool = False) -> dict:
-    """Keyword arguments for an HF forward. Packed rows pass position_ids (and cu_seqlens for
-    flash-attn varlen); padded rows pass the attention mask."""
+def model_inputs(model, batch: dict, device: torch.device) -> dict:
+    """Keyword arguments for `model`'s HF forward. Packed rows pass position_ids (and cu_seqlens when
+    the model was built with flash-attn, as its config says: the varlen kernel); padded rows pass the
+    attention mask."""
+    flash = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     kw = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device)}

@@ -6,7 +6,7 @@ turn of `chosen` / `rejected` is trained (its content and eos); every earlier to
 `<|assistant|>\\n` header included, is IGNORE_INDEX. Deviation: open-instruct @e363290
 (`encode_dpo_example` = `encode_sft_example` per side) trained every assistant turn, shared
 earlier turns included; those cancel in summed-logp DPO but not in dpo_norm's token averages
-(shared reference §3.2; "mask all but the last turn" only arrived in 8699c789b). A pair where either
+(dpo_tune.py:411; "mask all but the last turn" only arrived in 8699c789b). A pair where either
 side has no trainable token left after truncation is dropped and counted.
 
 Collation: the B pairs of a micro-batch go through the model in ONE forward, as rows
@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tulu.chat import IGNORE_INDEX, DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import all_reduce, barrier, print0
-from tulu.fsdp import reshard
+from tulu.fsdp import no_grad_forward
 from tulu.lm_head import head_logprobs, next_token_targets
 from tulu.ops import logprobs_from_logits, sequence_logps
 from tulu.packing import model_inputs, pack, pad
@@ -55,7 +55,7 @@ def tokenize_final_turn(tokenizer, messages: list[dict], max_seq_length: int | N
     return {"input_ids": input_ids, "labels": labels}
 
 
-def tokenize_pair(tokenizer, chosen: list[dict], rejected: list[dict], max_seq_length: int | None) -> dict | None:
+def tokenize_dpo_pair(tokenizer, chosen: list[dict], rejected: list[dict], max_seq_length: int | None) -> dict | None:
     """{chosen,rejected}_{input_ids,labels}, or None when either side loses all trainable tokens."""
     out = {}
     for side, messages in zip(SIDES, (chosen, rejected)):
@@ -81,7 +81,7 @@ def _pref_row(tokenizer, max_seq_length, skip_bad_rows):
             if not skip_bad_rows:
                 raise
             return {**empty, "pair_length": 0, "status": "bad"}
-        out = tokenize_pair(tokenizer, row["chosen"], row["rejected"], max_seq_length)
+        out = tokenize_dpo_pair(tokenizer, row["chosen"], row["rejected"], max_seq_length)
         if out is None:
             return {**empty, "pair_length": 0, "status": "dropped"}
         return {**out, "pair_length": len(out["chosen_input_ids"]) + len(out["rejected_input_ids"]), "status": "ok"}
@@ -101,7 +101,7 @@ def build_preference_data(mixer: dict, tokenizer, max_seq_length: int | None, sk
 # ------------------------------------------------------------------------------ collation + forward
 
 
-def collate_pairs(rows: list[dict], pad_id: int, packed: bool) -> dict:
+def collate_dpo_pairs(rows: list[dict], pad_id: int, packed: bool) -> dict:
     """One forward's inputs for B pairs: sequences [chosen_0..B-1; rejected_0..B-1], padded to (2B, L)
     or packed into (1, N) with doc_ids. `pairs` = B (0 for an empty micro-batch: a 1-token dummy row)."""
     seqs = [{"input_ids": r[f"{s}_input_ids"], "labels": r[f"{s}_labels"]} for s in SIDES for r in rows]
@@ -110,15 +110,14 @@ def collate_pairs(rows: list[dict], pad_id: int, packed: bool) -> dict:
     return batch
 
 
-def pair_logps(model, batch: dict, device: torch.device, flash: bool = False,
-               chunked: bool = False) -> dict[str, torch.Tensor]:
+def pair_logps(model, batch: dict, device: torch.device, chunked: bool = False) -> dict[str, torch.Tensor]:
     """Summed and token-averaged log-probs of every sequence of a collated pair batch, one forward.
 
     Returns {"chosen", "rejected", "chosen_avg", "rejected_avg"}: (B,) each, fp32. The log-softmax is
     taken in fp32 a few rows at a time (tulu.ops.logprobs_from_logits), never as a full fp32 (B, T, V);
     chunked: through the LM head a chunk of tokens at a time (tulu.lm_head), never building the logits.
     """
-    inputs, labels = model_inputs(batch, device, flash), batch["labels"][:, 1:].to(device)  # labels (R, T-1)
+    inputs, labels = model_inputs(model, batch, device), batch["labels"][:, 1:].to(device)  # labels (R, T-1)
     if chunked:  # the last position predicts nothing
         token_logps = head_logprobs(model, inputs, next_token_targets(batch["labels"].to(device)))[0][:, :-1]
     else:
@@ -168,10 +167,22 @@ def model_identity(path: str | Path) -> list:
     return [str(path.resolve())] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
 
-@torch.no_grad()
-def reference_cache(model, data: TokenizedData, cache_dir: str | Path, key: dict, rank: int, world: int,
-                    per_device: int, packed: bool, pad_id: int, device: torch.device,
-                    flash: bool = False, chunked: bool = False) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True)
+class PairLayout:
+    """How pairs go through a model outside the training step (the reference cache, evaluation):
+    `per_device` pairs per forward on each rank, packed or padded, through the chunked LM head or not."""
+    per_device: int
+    packed: bool
+    pad_id: int
+    chunked: bool = False
+
+    def logps(self, model, data: TokenizedData, idxs: list[int], device: torch.device) -> tuple[dict, dict]:
+        """(the collated batch, pair_logps of it) for pairs `idxs` (an empty list: the dummy row)."""
+        batch = collate_dpo_pairs(data.rows(idxs), self.pad_id, self.packed)
+        return batch, pair_logps(model, batch, device, self.chunked)
+
+
+def reference_cache(model, data: TokenizedData, cache_dir: str | Path, key: dict, d, layout: PairLayout) -> torch.Tensor:
     """Reference log-probs of every example, (N, 4) fp32 rows [chosen, rejected, chosen_avg, rejected_avg].
 
     Reused when cache_dir/manifest.json holds the same `key` and the COMPLETE marker exists; otherwise
@@ -183,30 +194,30 @@ def reference_cache(model, data: TokenizedData, cache_dir: str | Path, key: dict
     manifest = cache_dir / "manifest.json"
     key = json.loads(json.dumps({**key, "examples": len(data)}))  # as the manifest reads back (tuples -> lists)
     done = (cache_dir / "COMPLETE").exists() and manifest.exists() and json.loads(manifest.read_text())["key"] == key
-    done = bool(all_reduce(torch.tensor(float(done), device=device), "min").item())  # every rank takes the same branch
+    done = bool(all_reduce(torch.tensor(float(done), device=d.device), "min").item())  # every rank takes the same branch
     if done:
         print0(f"[dpo] reusing reference log-prob cache {cache_dir}")
     else:
-        if rank == 0:
+        if d.rank == 0:
             shutil.rmtree(cache_dir, ignore_errors=True)
             cache_dir.mkdir(parents=True)
         barrier()
         was_training = model.training
         model.eval()
         idx, rows = [], []
-        for mb in shard_batches(len(data), rank, world, per_device):
-            out = pair_logps(model, collate_pairs(data.rows(mb), pad_id, packed), device, flash, chunked)
-            if mb:
-                idx += mb
-                rows.append(torch.stack([out[k] for k in LOGP_KEYS], 1).cpu())
-        reshard(model)  # a no-grad forward leaves FSDP units unsharded (cpu_environment.md §2)
+        with no_grad_forward(model):
+            for mb in shard_batches(len(data), d.rank, d.world, layout.per_device):
+                _, out = layout.logps(model, data, mb, d.device)
+                if mb:
+                    idx += mb
+                    rows.append(torch.stack([out[k] for k in LOGP_KEYS], 1).cpu())
         model.train(was_training)
         values = torch.cat(rows) if rows else torch.zeros(0, 4)
         save_file({"index": torch.tensor(idx, dtype=torch.int64), "logps": values.contiguous()},
-                  str(cache_dir / f"rank{rank}-of-{world}.safetensors"))
+                  str(cache_dir / f"rank{d.rank}-of-{d.world}.safetensors"))
         barrier()
-        if rank == 0:
-            files = [f"rank{r}-of-{world}.safetensors" for r in range(world)]
+        if d.rank == 0:
+            files = [f"rank{r}-of-{d.world}.safetensors" for r in range(d.world)]
             manifest.write_text(json.dumps({"key": key, "files": files,
                                             "columns": list(LOGP_KEYS)}, indent=1))
             (cache_dir / "COMPLETE").write_text("ok\n")
@@ -239,25 +250,21 @@ def pair_loss(loss_type, policy: dict, reference: dict | None, beta: float, gamm
                         policy_chosen_avg=policy["chosen_avg"], policy_rejected_avg=policy["rejected_avg"])
 
 
-@torch.no_grad()
-def evaluate(model, data: TokenizedData, reference_fn, loss_kw: dict, rank: int, world: int, per_device: int,
-             packed: bool, pad_id: int, device: torch.device, flash: bool = False,
-             chunked: bool = False) -> dict[str, float]:
-    """Pair-weighted means of the loss metrics over the whole held-out set, across ranks (collective).
+def evaluate_dpo(model, data: TokenizedData, reference_fn, loss_kw: dict, d, layout: PairLayout) -> dict[str, float]:
+    """Per-pair means of the loss metrics over the whole held-out set, across ranks (collective).
 
     reference_fn(idxs, batch) -> reference log-probs of those pairs (a cache lookup or a live forward).
     """
     was_training = model.training
     model.eval()
     sums: dict[str, torch.Tensor] = {}
-    for mb in shard_batches(len(data), rank, world, per_device):
-        batch = collate_pairs(data.rows(mb), pad_id, packed)
-        policy = pair_logps(model, batch, device, flash, chunked)
-        _, m = pair_loss(policy=policy, reference=reference_fn(mb, batch), **loss_kw)
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v.float() * len(mb)
-    reshard(model)
+    with no_grad_forward(model):
+        for mb in shard_batches(len(data), d.rank, d.world, layout.per_device):
+            batch, policy = layout.logps(model, data, mb, d.device)
+            _, m = pair_loss(policy=policy, reference=reference_fn(mb, batch), **loss_kw)
+            for k, v in m.items():  # sums over the micro-batch's pairs (0 for the dummy row)
+                sums[k] = sums.get(k, 0.0) + (v.float() if mb else 0.0 * v.float())
     model.train(was_training)
     names = sorted(sums)
-    values = all_reduce(torch.stack([sums[k] for k in names]).to(device)) / len(data)  # (M,)
+    values = all_reduce(torch.stack([sums[k] for k in names]).to(d.device)) / len(data)  # (M,)
     return {f"eval/{k}": v for k, v in zip(names, values.tolist())}

@@ -1,7 +1,7 @@
 """The seven Tulu 3 seed commands as presets: `train/sft.py --preset tulu3_8b_sft` etc.
 
-Each preset is the flag list of the published command (open-instruct docs/tulu3.md @e363290, the
-shared reference §1), translated one to one, plus the original's defaults that our defaults do not
+Each preset is the flag list of the published command (open-instruct docs/tulu3.md @e363290),
+translated one to one, plus the original's defaults that our defaults do not
 share (they are listed so the run is the original's, not ours). Flags given after `--preset`
 override it. `launch` is the torchrun topology of the original run.
 

@@ -2,8 +2,9 @@
 pair batches (padded or packed) and reading a sequence's score at its last real token.
 
 The score of a sequence is the scalar head applied to the final (post-norm) hidden state of its last
-real token, which the tulu template makes the `eos` that closes the final assistant turn (shared
-reference §4.4). Hugging Face's `*ForSequenceClassification.forward` pools at the rightmost token
+real token, which the tulu template makes the `eos` that closes the final assistant turn (open-instruct
+model_utils.py:189 `get_reward` @e363290).
+Hugging Face's `*ForSequenceClassification.forward` pools at the rightmost token
 that differs from `pad_token_id`: right for one right-padded sequence per row, wrong for a packed
 row (every document but the last) and fragile whenever the pad id occurs in text. So we keep the
 head's output at every position (`token_scores`) and pick the positions ourselves (`score_index`).
@@ -19,14 +20,14 @@ import torch
 from tulu.chat import DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import all_reduce
-from tulu.fsdp import reshard
+from tulu.fsdp import no_grad_forward
 from tulu.losses import bradley_terry_loss
 from tulu.packing import model_inputs, pack, pad
 
 # ------------------------------------------------------------------------------ data
 
 
-def tokenize_pair(tokenizer, chosen: list[dict], rejected: list[dict]) -> dict[str, list[int]]:
+def tokenize_rm_pair(tokenizer, chosen: list[dict], rejected: list[dict]) -> dict[str, list[int]]:
     """Token ids of the prompt (chosen[:-1] + the assistant header), the chosen and the rejected
     conversation, as open-instruct PreferenceDatasetProcessor.tokenize (no BOS, no truncation)."""
     return {
@@ -38,8 +39,9 @@ def tokenize_pair(tokenizer, chosen: list[dict], rejected: list[dict]) -> dict[s
 
 def keep_pair(n_prompt: int, n_chosen: int, n_rejected: int, max_token_length: int | None,
               max_prompt_token_length: int | None) -> bool:
-    """The filter the original meant (its nested conditional only ever checked the prompt, shared
-    reference §4.2): the prompt fits max_prompt_token_length and both conversations max_token_length."""
+    """The filter the original meant (its nested conditional only ever checked the prompt,
+    dataset_processor.py:322-336 @e363290): the prompt fits max_prompt_token_length and both
+    conversations max_token_length."""
     if max_prompt_token_length is not None and n_prompt > max_prompt_token_length:
         return False
     return max_token_length is None or max(n_chosen, n_rejected) <= max_token_length
@@ -58,7 +60,7 @@ def _pref_row(tokenizer, max_token_length, max_prompt_token_length, skip_bad_row
             if not skip_bad_rows:
                 raise
             return {**empty, "status": "bad"}
-        ids = tokenize_pair(tokenizer, row["chosen"], row["rejected"])
+        ids = tokenize_rm_pair(tokenizer, row["chosen"], row["rejected"])
         if not keep_pair(*(len(ids[k]) for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")),
                          max_token_length, max_prompt_token_length):
             return {**empty, "status": "dropped"}
@@ -70,7 +72,8 @@ def _pref_row(tokenizer, max_token_length, max_prompt_token_length, skip_bad_row
 def build_pref_data(mixer: dict, splits: list[str], tokenizer, max_token_length: int | None,
                     max_prompt_token_length: int | None, skip_bad_rows: bool = False, num_proc: int | None = None,
                     is_main: bool = True) -> TokenizedData:
-    """Preference pairs with combine_dataset semantics (no shuffle at mix time, shared reference §7.4):
+    """Preference pairs with combine_dataset semantics (no shuffle at mix time;
+    open-instruct utils.py:403 @e363290):
     each source read from its own split (one split given = all), first rows taken, concatenated in
     mixer order. `lengths` is the pair's token count, chosen + rejected (what a micro-batch holds)."""
     if len(splits) not in (1, len(mixer)):
@@ -139,16 +142,16 @@ def last_token_index(batch: dict) -> torch.Tensor:
     return torch.arange(mask.shape[0]) * T + last  # (B,)
 
 
-def sequence_scores(model: torch.nn.Module, batch: dict, device: torch.device, flash: bool = False) -> torch.Tensor:
+def last_token_scores(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
     """One score per sequence (docs,), read at its last real token."""
-    scores = token_scores(model, score_inputs(batch, device, flash))  # (B, T)
+    scores = token_scores(model, score_inputs(model, batch, device))  # (B, T)
     return scores.flatten()[last_token_index(batch).to(device)]  # (docs,)
 
 
-def score_inputs(batch: dict, device: torch.device, flash: bool = False) -> dict:
+def score_inputs(model: torch.nn.Module, batch: dict, device: torch.device) -> dict:
     """Forward kwargs. Padded rows also get position_ids counted over real tokens, so a left-padded
     sequence sees the same positions (and the same rotary angles) as when it stands alone."""
-    kw = model_inputs(batch, device, flash)
+    kw = model_inputs(model, batch, device)
     if "attention_mask" in batch:
         kw["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0).to(device)  # (B, T)
     return kw
@@ -157,7 +160,7 @@ def score_inputs(batch: dict, device: torch.device, flash: bool = False) -> dict
 # ------------------------------------------------------------------------------ batches
 
 
-def collate_pairs(rows: list[dict], pad_id: int, packing: bool) -> dict:
+def collate_rm_pairs(rows: list[dict], pad_id: int, packing: bool) -> dict:
     """A micro-batch of preference pairs: the chosen sequences then the rejected ones, so the scores
     split as scores[:n] (chosen) and scores[n:] (rejected). Packed: one padding-free row with
     cu_seqlens; padded: a right-padded (2n, L) batch as the original's collator. `pairs` = n. No
@@ -171,9 +174,8 @@ def collate_pairs(rows: list[dict], pad_id: int, packing: bool) -> dict:
 # ------------------------------------------------------------------------------ eval
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TokenizedData, pad_id: int, d, per_device: int, packing: bool,
-             flash: bool = False) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate_rm(model: torch.nn.Module, data: TokenizedData, pad_id: int, d, per_device: int,
+                packing: bool) -> tuple[dict[str, float], torch.Tensor]:
     """Bradley–Terry metrics over every pair of `data` (means over pairs, not over batches) and the
     per-pair scores (N, 2) = (chosen, rejected), identical on every rank.
 
@@ -183,12 +185,12 @@ def evaluate(model: torch.nn.Module, data: TokenizedData, pad_id: int, d, per_de
     n = len(data)
     mine = list(range(d.rank, n, d.world))
     scores = torch.zeros(n, 2, device=d.device)  # (N, 2)
-    for k in range(-(-(-(-n // d.world)) // per_device)):  # ceil(ceil(N / W) / per_device), same on every rank
-        idx = mine[k * per_device:(k + 1) * per_device]
-        s = sequence_scores(model, collate_pairs(data.rows(idx), pad_id, packing), d.device, flash)  # (2n,)
-        if idx:
-            scores[idx] = torch.stack([s[:len(idx)], s[len(idx):]], dim=1)
-    reshard(model)  # no backward follows: put the gathered parameters back in shards
+    with no_grad_forward(model):
+        for k in range(-(-(-(-n // d.world)) // per_device)):  # ceil(ceil(N / W) / per_device), same on every rank
+            idx = mine[k * per_device:(k + 1) * per_device]
+            s = last_token_scores(model, collate_rm_pairs(data.rows(idx), pad_id, packing), d.device)  # (2n,)
+            if idx:
+                scores[idx] = torch.stack([s[:len(idx)], s[len(idx):]], dim=1)
     scores = all_reduce(scores)  # each pair was filled by exactly one rank
-    _, m = bradley_terry_loss(scores[:, 0], scores[:, 1])
-    return {k: v.item() for k, v in m.items()}, scores.cpu()
+    _, m = bradley_terry_loss(scores[:, 0], scores[:, 1])  # sums over the N pairs
+    return {k: v.item() / n for k, v in m.items()}, scores.cpu()

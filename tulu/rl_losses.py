@@ -3,8 +3,8 @@ clipped policy and value losses, and the GRPO policy loss (KL in the loss).
 
 Losses return (loss, metrics) with metrics a dict of detached scalars named as open-instruct logs
 them. Shapes: B = sequences, T = response tokens. `mask` is True on the tokens a loss trains on.
-Sources: open-instruct ppo_vllm_thread_ray_gtrl.py @e363290 (shared reference §5.5–5.7) and
-grpo_vllm_thread_ray_gtrl.py from 648539372 / 8313b38e9 / 79ff8fbee (§10).
+Sources: open-instruct ppo_vllm_thread_ray_gtrl.py:1040-1294 @e363290 (scoring, rewards, PPO update) and
+grpo_vllm_thread_ray_gtrl.py from 648539372 / 8313b38e9 / 79ff8fbee.
 
 Normalization (`loss_normalizer`): None divides by this call's valid-token count (the original:
 a token mean per micro-batch, so micro-batches of different lengths get equal weight). A count
@@ -58,7 +58,7 @@ def rlvr_scores(
     penalty_reward_value: float = -1.0,
     min_response_length: int = 0,
 ) -> torch.Tensor:
-    """The scalar RLVR score of each response (shared reference §5.5).
+    """The scalar RLVR score of each response (open-instruct ppo_vllm_thread_ray_gtrl.py:1095-1153 @e363290).
 
     score = rm_score·reward_model_multiplier + verification_reward·verified, then, with
     non_stop_penalty, score = penalty_reward_value wherever NOT contain_stop, where
@@ -80,7 +80,8 @@ def rlvr_scores(
 def ppo_rewards(
     kl: torch.Tensor, scores: torch.Tensor, seq_lens: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token PPO rewards with the KL folded in (Ziegler et al. 2019; shared reference §5.5).
+    """Per-token PPO rewards with the KL folded in (Ziegler et al. 2019;
+    open-instruct ppo_vllm_thread_ray_gtrl.py:1177-1183 @e363290).
 
     r_t = −β·kl_t on valid tokens t ≤ seq_len (0 after), plus the scalar score at
     seq_len + 1 when that is < T, else at seq_len (no stop token): the original puts the score ONE
@@ -146,7 +147,8 @@ def ppo_policy_loss(
     loss_normalizer: float | torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped policy loss, Tulu 3 RLVR (shared reference §5.7): no KL term (it is in the rewards).
+    """PPO clipped policy loss, Tulu 3 RLVR (open-instruct ppo_vllm_thread_ray_gtrl.py:1253-1259 @e363290):
+    no KL term (it is in the rewards).
 
     new_logprobs (B, T) carries the gradient; old_logprobs, advantages (B, T) are constants from the
     rollout; mask (B, T) = tokens 0..seq_len. token_weights (B, T): rollout-correction importance
@@ -168,7 +170,8 @@ def ppo_value_loss(
     cliprange_value: float,
     loss_normalizer: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped value loss (Tulu 3 RLVR, shared reference §5.7; the clip is from OpenAI baselines).
+    """PPO clipped value loss (Tulu 3 RLVR, open-instruct ppo_vllm_thread_ray_gtrl.py:1236-1245 @e363290;
+    the clip is from OpenAI baselines).
 
     v_clip = clamp(v, v_old − c, v_old + c); L = ½·mean(max((v − R)², (v_clip − R)²)).
     All (B, T); mask is one token longer than the policy's (0..seq_len+1: the score position).
@@ -236,8 +239,9 @@ def grpo_policy_loss(
 
 def rollout_metrics(old_logprobs, engine_logprobs, mask, kl, scores, verified, non_score, seq_lens,
                     is_stop) -> dict[str, torch.Tensor]:
-    """A rollout batch's objective/* and val/* metrics, named as the original logs them (shared reference
-    §5.8), and debug/engine_logprob_diff: the trainer's vs the engine's log-probs of the sampled tokens,
+    """A rollout batch's objective/* and val/* metrics, named as the original logs them (open-instruct
+    ppo_vllm_thread_ray_gtrl.py:1297-1346 @e363290),
+    and debug/engine_logprob_diff: the trainer's vs the engine's log-probs of the sampled tokens,
     ~0 in sync mode (same weights: fp noise), one version apart in async mode; large in sync mode =
     a broken sync. (B, T) tensors but scores, verified, non_score, seq_lens (B,); is_stop (B, T) bool."""
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tulu.checkpoint import export_hf  # noqa: E402
+from tulu.export import export_hf  # noqa: E402
 from tulu.dist import init_dist, shutdown  # noqa: E402
 from tulu.model import build_model, load_tokenizer  # noqa: E402
 

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tulu.dist import init_dist, shutdown  # noqa: E402
 from tulu.fsdp import reshard  # noqa: E402
-from tulu.model import _local_rows, build_model  # noqa: E402
-from tulu.resume import save_checkpoint  # noqa: E402
+from tulu.fsdp import local_rows  # noqa: E402
+from tulu.model import build_model  # noqa: E402
+from tulu.checkpoint import save_checkpoint  # noqa: E402
 from tulu.tensorfile import TensorFile  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     d = init_dist()
     trainable = build_model("tulu/tiny", d.device, compute_dtype="bf16")
     frozen = build_model("tulu/tiny", d.device, compute_dtype="bf16", frozen=True)
-    nbytes = lambda m: sum(_local_rows(p)[0].numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    nbytes = lambda m: sum(local_rows(p)[0].numel() * p.element_size() for p in m.parameters())  # noqa: E731
     sizes = {"trainable_bytes": nbytes(trainable), "frozen_bytes": nbytes(frozen)}
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0)).to(d.device)
     with torch.no_grad():
@@ -58,10 +59,10 @@ def _reshard_then_checkpoint_then_backward(d, ids: torch.Tensor, out: Path) -> d
     after_root = plain()
     reshard(model)  # every unit
     after_all = plain()
-    save_checkpoint(out, 1, {"model": (model, None)}, {}, d.rank, d.world)
+    save_checkpoint(out, 1, {"model": (model, None)}, {}, d)
     f = TensorFile(out / "checkpoints" / "step_1" / f"model-rank{d.rank:05d}.safetensors")
     rows = {n: f.shape(n)[0] for n in f.keys()}
-    local = {n: _local_rows(p)[0].shape[0] for n, p in model.named_parameters()}
+    local = {n: local_rows(p)[0].shape[0] for n, p in model.named_parameters()}
     model(input_ids=ids, labels=ids).loss.backward()  # FSDP frees the gathered lm_head after backward
     del model
     return {"plain_after_root_reshard": after_root, "plain_after_reshard": after_all,

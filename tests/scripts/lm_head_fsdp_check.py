@@ -5,7 +5,7 @@
 For each of tied / untied: the same model (seeded) three times: an unsharded fp32 reference that
 sees every rank's rows (full logits, float64 log-softmax), and two FSDP2-sharded copies, one through
 tulu.lm_head.head_logprobs and one through the full logits. Each rank feeds its own rows; the loss is
-the global token mean (FSDP averages gradients over ranks, so each rank scales by world / tokens).
+the global token mean (apply_fsdp makes FSDP sum the ranks' gradients, so each rank scales by 1 / tokens).
 After one backward and one SGD step (linear in the gradient, so no sign flips of near-zero entries) the gathered gradients and parameters of both sharded copies
 must equal the reference's (fp32, relative 1e-5). Prints one JSON line and LM_HEAD_FSDP_OK.
 """
@@ -61,9 +61,9 @@ def main() -> None:
 
         x, t = inputs_all[mine], targets_all[mine]
         lp_c, _ = head_logprobs(chunked, {"input_ids": x}, t, chunk=4)
-        (-lp_c.sum() * d.world / total).backward()
+        (-lp_c.sum() / total).backward()
         lp_d = logprobs_from_logits(dense(input_ids=x).logits, t).masked_fill(t < 0, 0)
-        (-lp_d.sum() * d.world / total).backward()
+        (-lp_d.sum() / total).backward()
 
         grads = {}
         for (name, p), (_, pc), (_, pd) in zip(ref.named_parameters(), chunked.named_parameters(),

@@ -27,7 +27,7 @@ from tulu.dist import broadcast_object, init_dist, print0, shutdown
 from tulu.model import build_model
 from tulu.ops import logprobs_from_logits
 from tulu.optim import build_optimizer
-from tulu.rollouts import EngineOutOfSync, check_engines_in_sync, engine_sync_gaps
+from tulu.rl_batch import EngineOutOfSync, check_engines_in_sync, engine_sync_gaps
 from tulu.tiny import TINY_NAME, tiny_dir
 
 
@@ -52,7 +52,8 @@ def max_diff(groups, trainer) -> float:
 def train_step(model, opt, step: int, device) -> None:
     g = torch.Generator().manual_seed(100 + step)
     x = torch.randint(3, 300, (4, 24), generator=g).to(device)  # (B, T) same batch on every rank
-    model(input_ids=x, labels=x).loss.backward()
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    (model(input_ids=x, labels=x).loss / world).backward()  # FSDP sums the ranks' gradients (apply_fsdp)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -127,11 +128,11 @@ def main() -> None:
     # train/rlvr.py's sync check (a fixed probe, every engine on its own): quiet after a sync, and
     # a named error once the engines miss one.
     probe_params = SamplingParams(n=1, temperature=0.8, max_tokens=8, seed=3, stop_token_ids=())
-    gaps = engine_sync_gaps(pool, d.is_main, model, prompts[:3], probe_params, 0, d.device, 0.8)
+    gaps = engine_sync_gaps(pool, d, model, prompts[:3], probe_params, 0, 0.8)
     check_engines_in_sync(gaps, 1e-3, 4)
     res["sync_check_gap"] = max(gaps.values())
     train_step(model, opt, 4, d.device)  # ...and no push: every engine is now stale
-    stale = engine_sync_gaps(pool, d.is_main, model, prompts[:3], probe_params, 0, d.device, 0.8)
+    stale = engine_sync_gaps(pool, d, model, prompts[:3], probe_params, 0, 0.8)
     try:
         check_engines_in_sync(stale, 1e-3, 5)
         res["sync_check_error"] = None

@@ -20,7 +20,8 @@ import threading
 import time
 
 from rollout.engine import SamplingParams
-from rollout.pool import EngineDied, EnginePool
+from rollout.errors import EngineDied
+from rollout.pool import EnginePool
 from tulu.tiny import tiny_dir
 
 

@@ -13,7 +13,7 @@ import torch
 from tulu.chat import IGNORE_INDEX, DataError, check_messages, encode, render
 from tulu.data import TokenizedData, build_dataset
 from tulu.dist import broadcast_object
-from tulu.fsdp import reshard
+from tulu.fsdp import no_grad_forward
 from tulu.lm_head import head_logprobs
 from tulu.ops import logprobs_from_logits
 from tulu.verifiers import check_ground_truth, verify_batch
@@ -89,6 +89,15 @@ def rollout_batch(queries: list[list[int]], responses: list[list[int]], pad_id: 
             "response_mask": mask[:, Q:], "seq_lens": (lengths - 1).clamp(min=0)}
 
 
+def engine_logprobs(completions: list[tuple[list[int], list[float]]], response_length: int) -> torch.Tensor:
+    """The engine's log-prob of each sampled token, (B, R) fp32, 0 past a response's end: completions
+    are (token_ids, logprobs) pairs, as `generate` returns them."""
+    out = torch.zeros(len(completions), response_length)  # (B, R)
+    for b, (_, logprobs) in enumerate(completions):
+        out[b, :len(logprobs[:response_length])] = torch.tensor(logprobs[:response_length])
+    return out
+
+
 def forward_inputs(batch: dict, rows, device: torch.device) -> dict:
     """Model kwargs for rows of a rollout batch: positions count real tokens only, so a left-padded
     prompt sees the rotary positions it would see alone."""
@@ -124,7 +133,7 @@ def response_values(value_model, batch: dict, rows, device: torch.device) -> tor
     return token_scores(value_model, forward_inputs(batch, rows, device))[:, Q - 1:-1]  # (b, R)
 
 
-def sequence_scores(reward_model, batch: dict, rows, device: torch.device) -> torch.Tensor:
+def reward_model_scores(reward_model, batch: dict, rows, device: torch.device) -> torch.Tensor:
     """Reward-model score at each sequence's last real token, (b,)."""
     from tulu.reward import token_scores
 
@@ -134,6 +143,29 @@ def sequence_scores(reward_model, batch: dict, rows, device: torch.device) -> to
     return scores.gather(1, last[:, None]).squeeze(1)
 
 
+def score_rollouts(batch: dict, policy, ref, value, reward_model, forward_batch: int, device: torch.device,
+                   temperature: float, chunked: bool = False) -> tuple:
+    """The learner's no-grad forwards over a rollout batch, `forward_batch` responses at a time, every
+    model resharded after (a model given as None is skipped): (π_old, π_ref) log-probs (B, R), the
+    value model's V_old (B, R) and the reward model's score (B,); None for an absent model."""
+    B = batch["query_response"].shape[0]
+    chunks = [slice(i, i + forward_batch) for i in range(0, B, forward_batch)]
+    run = lambda fn, net: torch.cat([fn(net, c) for c in chunks]) if net is not None else None  # noqa: E731
+    with no_grad_forward(policy, ref, value, reward_model):
+        logps = lambda net, c: response_logprobs(net, batch, c, device, temperature, chunked)  # noqa: E731
+        return (run(logps, policy), run(logps, ref),
+                run(lambda net, c: response_values(net, batch, c, device), value),
+                run(lambda net, c: reward_model_scores(net, batch, c, device), reward_model))
+
+
+def verify_rollouts(rows: list[dict], group_size: int, texts: list[str], device: torch.device) -> torch.Tensor:
+    """1.0 where the verifier of each response's prompt row (its source) accepts it, (B,) on `device`;
+    rows hold one prompt per group of `group_size` responses."""
+    sources = [r["source"] for r in rows for _ in range(group_size)]
+    truths = [r["ground_truth"] for r in rows for _ in range(group_size)]
+    return torch.tensor(verify_batch(sources, texts, truths), device=device, dtype=torch.float32)
+
+
 def generate(pool, prompts: list[list[int]], params) -> tuple[list, float]:
     """On rank 0 only: (token_ids, logprobs) of the n completions of each prompt, and the seconds it took."""
     t0 = time.perf_counter()
@@ -141,12 +173,12 @@ def generate(pool, prompts: list[list[int]], params) -> tuple[list, float]:
     return [[(c.token_ids, c.logprobs) for c in group] for group in out], time.perf_counter() - t0
 
 
-def held_out_correct_rate(pool, is_main: bool, data: TokenizedData, tokenizer, params, output_dir: str,
+def held_out_correct_rate(pool, d, data: TokenizedData, tokenizer, params, output_dir: str,
                           step: int) -> dict:
     """Verifiable correct rate on held-out prompts: rank 0 generates (one completion each) and
     verifies, appends 8 examples to output_dir/evals.jsonl, and broadcasts the result."""
     result = None
-    if is_main:
+    if d.is_main:
         rows = [data.ds[i] for i in range(len(data))]
         groups, _ = generate(pool, [r["input_ids"] for r in rows], params)
         texts = [tokenizer.decode(g[0][0], skip_special_tokens=True) for g in groups]
@@ -163,29 +195,25 @@ class EngineOutOfSync(RuntimeError):
     """An engine's log-probs differ from the trainer's after a weight sync (stale or garbled weights)."""
 
 
-@torch.no_grad()
-def engine_sync_gaps(pool, is_main: bool, model, prompts: list[list[int]], params, pad_id: int,
-                     device: torch.device, temperature: float, chunked: bool = False) -> dict[str, float]:
+def engine_sync_gaps(pool, d, model, prompts: list[list[int]], params, pad_id: int, temperature: float,
+                     chunked: bool = False) -> dict[str, float]:
     """Every rank: each engine samples `prompts` (rank 0 asks every engine on its own), the trainer
     scores the same tokens, and the mean |Δ log p| per sampled token is returned per engine name."""
     sampled = None
-    if is_main:
+    if d.is_main:
         futures = [pool.call(e, "generate", prompts, params) for e in pool.engines]
         sampled = {e.name: out for e, out in zip(pool.engines, pool.wait(futures, what="sync check"))}
     sampled = broadcast_object({n: [[(c.token_ids, c.logprobs) for c in g] for g in out]
-                                for n, out in sampled.items()} if is_main else None)
+                                for n, out in sampled.items()} if d.is_main else None)
     gaps = {}
     for name, groups in sampled.items():
         responses = [g[0][0] for g in groups]
-        engine = torch.zeros(len(responses), params.max_tokens)  # (B, R)
-        for b, g in enumerate(groups):
-            engine[b, :len(g[0][1])] = torch.tensor(g[0][1][:params.max_tokens])
+        engine = engine_logprobs([g[0] for g in groups], params.max_tokens)  # (B, R)
         batch = rollout_batch(prompts, responses, pad_id, params.max_tokens)
-        with torch.no_grad():  # a graph left behind here would hold FSDP's unsharded params into the next step
-            mine = response_logprobs(model, batch, slice(None), device, temperature, chunked).cpu()  # (B, R)
+        with no_grad_forward(model):  # a graph left behind would hold FSDP's unsharded params into the next step
+            mine = response_logprobs(model, batch, slice(None), d.device, temperature, chunked).cpu()  # (B, R)
         mask = batch["response_mask"]
         gaps[name] = float(((mine - engine).abs() * mask).sum() / mask.sum().clamp(min=1))
-    reshard(model)
     return gaps
 
 

@@ -1,4 +1,4 @@
-"""tulu/rollouts.py: RLVR prompt data is checked when it loads, and the learner's log-prob forward on a
+"""tulu/rl_batch.py: RLVR prompt data is checked when it loads, and the learner's log-prob forward on a
 left-padded rollout batch equals each sequence's own unpadded forward (also when the pad id lies outside
 the embedding, as with a tokenizer whose `<pad>` was added after the model was trained)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from tulu.chat import DataError
 from tulu.model import load_tokenizer
-from tulu.rollouts import build_prompt_data, response_logprobs, rollout_batch
+from tulu.rl_batch import build_prompt_data, response_logprobs, rollout_batch
 from tulu.tiny import tiny_dir
 
 
