@@ -35,6 +35,7 @@ from typing import Protocol
 import torch
 
 from rollout.receiver import WeightReceiver, receive_and_load
+from tulu.layouts import Layout
 
 SEED_STRIDE = 1_000_003  # completions per prompt stay below this, so (prompt, sample) seeds never collide
 
@@ -145,16 +146,19 @@ class TorchEngine:
 
     def __init__(self, model_path: str, device: str = "cpu", dtype: str = "fp32", threads: int | None = None,
                  max_batch_rows: int = 64):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        from tulu.model import resolve
+        from tulu.model import attention_for, resolve
 
         if threads:
             torch.set_num_threads(threads)
         path = resolve(model_path)
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
+        # the trainer's attention rule (tulu.model.attention_for): eager where sdpa would skip soft-capping
+        config = AutoConfig.from_pretrained(path)
+        attn = attention_for(config, AutoModelForCausalLM._model_mapping[type(config)], "sdpa")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn)
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         cfg = self.model.config
@@ -220,10 +224,12 @@ class TorchEngine:
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> None:
         """Copy every named parameter in (casting dtype); all parameters must be covered, so an
-        engine never keeps a silently stale tensor. version=None bumps the version by one."""
+        engine never keeps a silently stale tensor. version=None bumps the version by one. Weights
+        come in the checkpoint layout (what the trainer sends, and vLLM loads): tensors of a
+        parameter the model keeps fused (an MoE layer's experts) are assembled first (tulu/layouts.py)."""
         params = dict(self.model.named_parameters())
         seen = set()
-        for name, tensor in weights:
+        for name, tensor in Layout(self.model).from_checkpoint(weights, params):
             if name not in params:
                 raise KeyError(f"load_weights: unknown parameter {name!r}")
             params[name].copy_(tensor)

@@ -153,10 +153,17 @@ class WeightSync:
     def push(self, model: torch.nn.Module, version: int, per_param: bool = False) -> dict:
         """Send every parameter of `model` (FSDP-sharded or plain) to every engine; collective."""
         from tulu.fsdp import reshard
+        from tulu.layouts import Layout
 
         reshard(model)  # a no-grad forward leaves FSDP units with plain unsharded params
-        named = list(model.named_parameters())
-        specs = [(n, self.dtype or p.dtype, tuple(p.shape)) for n, p in named]
+        # Tensors travel in the checkpoint layout (tulu/layouts.py): the names and shapes vLLM's
+        # load_weights expects; a fused in-memory parameter (an MoE layer's experts) becomes its parts.
+        layout = Layout(model)
+        named, specs, owner = list(model.named_parameters()), [], []
+        for j, (n, p) in enumerate(named):
+            for name, shape in layout.checkpoint_shapes(n, tuple(p.shape)):
+                specs.append((name, self.dtype or p.dtype, shape))
+                owner.append(j)
         slots, sizes = plan_buckets(specs, 1 if per_param else self.bucket_bytes)
         t0 = time.perf_counter()
         if per_param:  # names, dtypes and shapes then travel with each parameter
@@ -178,7 +185,7 @@ class WeightSync:
                 raise EngineDied(f"weight sync v{version}: {'; '.join(dead)}")
             futures = self.pool.call_all("receive_weights")
             send_obj(self.pg, header, self.device)
-        gather_s, bcast_s = self._stream(named, slots, sizes, per_param)
+        gather_s, bcast_s = self._stream(named, owner, layout, slots, sizes, per_param)
         stats = {"version": version, "mode": header["mode"], "gather_s": gather_s, "broadcast_s": bcast_s,
                  "bytes": sum(s.nbytes for s in slots), "buckets": len(sizes)}
         if self.rank == 0:
@@ -199,27 +206,34 @@ class WeightSync:
                   f"total {stats['total_s']:.3f}s ({stats['gbps']:.2f} GB/s)", flush=True)
         return stats
 
-    def _stream(self, named, slots: list[Slot], sizes: list[int], per_param: bool) -> tuple[float, float]:
-        """Gather each parameter (all ranks); rank 0 packs and broadcasts. Returns (gather_s, broadcast_s)."""
+    def _stream(self, named, owner: list[int], layout, slots: list[Slot], sizes: list[int],
+                per_param: bool) -> tuple[float, float]:
+        """Gather each parameter (all ranks), once; rank 0 packs its checkpoint-layout parts and
+        broadcasts. Returns (gather_s, broadcast_s)."""
         gather_s = bcast_s = 0.0
         inflight: deque = deque()  # (buffer, work): buffers stay referenced until their broadcast ends
-        buf, buf_idx = None, -1
+        buf, buf_idx, gathered, parts = None, -1, -1, {}
         per_bucket = [0] * len(sizes)
         for slot in slots:
             per_bucket[slot.bucket] += 1
-        for (_, p), slot in zip(named, slots):
+        for j, slot in zip(owner, slots):
             t = time.perf_counter()
-            # Cast the local shard, then gather: the same values as gather-then-cast (rounding is per
-            # element), with half the all-gather bytes when fp32 masters travel as bf16.
-            local = p.detach().to(slot.dtype)
-            full = local.full_tensor() if hasattr(local, "full_tensor") else local  # collective on FSDP params
+            if j != gathered:
+                # Cast the local shard, then gather: the same values as gather-then-cast (rounding is per
+                # element), with half the all-gather bytes when fp32 masters travel as bf16.
+                name, p = named[j]
+                local = p.detach().to(slot.dtype)
+                full = local.full_tensor() if hasattr(local, "full_tensor") else local  # collective on FSDP params
+                gathered, parts = j, (dict(layout.to_checkpoint(name, full)) if self.rank == 0 else {})
+                del full
             gather_s += time.perf_counter() - t
             if self.rank != 0:
                 continue
             t = time.perf_counter()
+            part = parts.pop(slot.name)
             if per_param:  # the original's scheme: metadata, then the tensor itself, per parameter
                 send_obj(self.pg, [slot.name, _dtype_name(slot.dtype), list(slot.shape)], self.device)
-                self.pg.broadcast(full.to(self.device, slot.dtype).contiguous(), 0).wait()
+                self.pg.broadcast(part.to(self.device, slot.dtype).contiguous(), 0).wait()
             else:
                 if slot.bucket != buf_idx:
                     if buf is not None:
@@ -227,7 +241,7 @@ class WeightSync:
                     while len(inflight) >= 2:
                         inflight.popleft()[1].wait()
                     buf, buf_idx = None, slot.bucket
-                flat = full.detach().to(self.device, slot.dtype).contiguous().view(-1).view(torch.uint8)
+                flat = part.detach().to(self.device, slot.dtype).contiguous().view(-1).view(torch.uint8)
                 if per_bucket[slot.bucket] == 1:  # a lone tensor is its own bucket: send it, no copy
                     buf = flat
                 else:
@@ -235,7 +249,7 @@ class WeightSync:
                         buf = self._bucket_buffer(slot.bucket, sizes[slot.bucket], max(sizes))
                     buf[slot.offset : slot.offset + slot.nbytes].copy_(flat)
             bcast_s += time.perf_counter() - t
-            del full
+            del part
         if self.rank == 0 and buf is not None:
             t = time.perf_counter()
             inflight.append((buf, self.pg.broadcast(buf, 0)))

@@ -146,3 +146,34 @@ def test_default_run_prefers_correct_answers_on_heldout_pairs(sft_tiny, tmp_path
     assert logged[-1]["eval/rewards/accuracy"] == result["eval/rewards/accuracy"]
     assert logged[-2]["train/rewards/accuracy"] > 0.8 and logged[-2]["train/loss"] < 0.6
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_moe_load_balancing_loss_is_the_original_weight_times_the_micro_batch_mean(tok, tmp_path):
+    """A tiny Qwen3-MoE, 2 ranks x 2 micro-batches of one pair ([chosen; rejected], padded): the logged
+    train/aux_loss of the first step equals 0.001 (the original DPO default) times the mean, over the
+    step's four micro-batches, of the Switch Transformer loss written out by hand over each micro-batch's
+    real tokens (sft_reference.switch_loss)."""
+    from families import write_family
+    from sft_reference import switch_loss
+    from tulu.data import epoch_permutation, step_samples
+
+    model_dir = write_family("qwen3_moe", tmp_path / "qwen3_moe")
+    out = tmp_path / "moe"
+    torchrun("train/dpo.py", ["--dataset_mixer_list", *MIXER, "--model_name_or_path", str(model_dir),
+                              "--max_train_steps", "1", "--max_seq_length", str(SEQ), "--per_device_train_batch_size",
+                              "1", "--gradient_accumulation_steps", "2", "--packing", "False", "--load_balancing_loss",
+                              "--output_dir", str(out), "--mixed_precision", "fp32"])
+    logged = read_metrics(out)[0]
+    data = build_preference_data(REF_MIXER, tok, SEQ)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    losses = []
+    for i in step_samples(epoch_permutation(len(data), 42, 0), 0, 4):
+        batch = collate_dpo_pairs(data.rows([i]), tok.pad_token_id, packed=False)  # (2, L)
+        with torch.no_grad():
+            fwd = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_router_logits=True, use_cache=False)
+        losses.append(switch_loss(fwd.router_logits, model.config.num_experts_per_tok,
+                                  batch["attention_mask"].flatten()))
+    hand = 0.001 * torch.stack(losses).mean().item()
+    assert abs(logged["train/aux_loss"] - hand) < 1e-6 * max(1.0, hand), (logged["train/aux_loss"], hand)

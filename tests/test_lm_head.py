@@ -13,28 +13,32 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
-def reference(hidden, weight, targets, temperature):
-    logp = torch.log_softmax((hidden @ weight.t()).double() / temperature, dim=-1)
+def reference(hidden, weight, targets, temperature, softcap=None):
+    z = (hidden @ weight.t()).double()
+    if softcap:  # Gemma 2's final-logit soft-capping, before the temperature
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z / temperature, dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).masked_fill(targets < 0, 0)
     return picked, -(logp.exp() * logp).sum(-1)
 
 
-@pytest.mark.parametrize("temperature,chunk", [(1.0, 7), (0.7, 64), (1.3, 1000)])
-def test_values_and_gradients_equal_the_full_logits(temperature, chunk):
+@pytest.mark.parametrize("temperature,chunk,softcap", [(1.0, 7, None), (0.7, 64, None), (1.3, 1000, None),
+                                                        (0.7, 7, 2.0), (1.0, 64, 30.0)])
+def test_values_and_gradients_equal_the_full_logits(temperature, chunk, softcap):
     g = torch.Generator().manual_seed(0)
     N, H, V = 50, 16, 97
     hidden = torch.randn(N, H, generator=g, requires_grad=True)
-    weight = (torch.randn(V, H, generator=g) * 0.5).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * (0.5 if softcap is None else 2.0)).requires_grad_()  # caps bite
     targets = torch.randint(0, V, (N,), generator=g)
     targets[::5] = -100  # ignored positions
     w_lp, w_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)  # arbitrary upstream gradients
 
-    lp, ent = chunked_logprobs(hidden, weight, targets, temperature, chunk, with_entropy=True)
+    lp, ent = chunked_logprobs(hidden, weight, targets, temperature, chunk, with_entropy=True, softcap=softcap)
     (lp * w_lp + ent * w_ent).sum().backward()
     got = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
 
-    ref_lp, ref_ent = reference(hidden, weight, targets, temperature)
+    ref_lp, ref_ent = reference(hidden, weight, targets, temperature, softcap)
     (ref_lp * w_lp.double() + (ref_ent * w_ent.double()).masked_fill(targets < 0, 0)).sum().backward()
     keep = targets >= 0
     assert (lp[~keep] == 0).all() and (ent[~keep] == 0).all()  # ignored positions: nothing computed

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import read_metrics, torchrun
+from families import write_family
 from sft_reference import reference_run
 
 MIXER = {"tulu/synth-sft": 160}
@@ -23,12 +24,19 @@ CASES = {
     "mean_b1_ga4": ("mean", 1, 4, ["--packing", "False"]),
     "sum_b1_ga4": ("sum", 1, 4, ["--packing", "False"]),
     "token_mean_b1_ga4": ("token_mean", 1, 4, ["--packing", "False"]),
+    # a mixture of experts (tiny Qwen3-MoE): experts fused in memory, read per expert from the files,
+    # their own FSDP unit; the router's load-balancing loss with the original's weight and 1/(GA·W)
+    "moe_sum_load_balancing": ("sum", 1, 2, ["--packing", "False", "--load_balancing_loss",
+                                             "--load_balancing_weight", "0.5"]),
 }
+MOE = "moe_sum_load_balancing"
 
 
 def _launch(tmp_path, name):
     reduce_loss, bs, ga, extra = CASES[name]
     out = tmp_path / name
+    if name == MOE:
+        extra = [*extra, "--model_name_or_path", str(write_family("qwen3_moe", tmp_path / "qwen3_moe"))]
     proc = torchrun("train/sft.py", [
         "--dataset_mixer_list", "tulu/synth-sft", "160", "--max_train_steps", str(STEPS), "--learning_rate", str(LR),
         "--warmup_ratio", "0", "--max_seq_length", str(SEQ), "--per_device_train_batch_size", str(bs),
@@ -44,9 +52,14 @@ def test_two_rank_fsdp_matches_single_process_formula(tmp_path, name):
     out, logged, stdout = _launch(tmp_path, name)
     if "--use_flash_attn" in CASES[name][3]:
         assert "--use_flash_attn: no CUDA device; using sdpa with a block-diagonal mask" in stdout, stdout[-2000:]
-    ref, ref_model = reference_run(MIXER, reduce_loss, bs, ga, world=2, steps=STEPS, lr=LR, max_seq_length=SEQ)
+    moe = dict(model_path=tmp_path / "qwen3_moe", load_balancing_weight=0.5) if name == MOE else {}
+    ref, ref_model = reference_run(MIXER, reduce_loss, bs, ga, world=2, steps=STEPS, lr=LR, max_seq_length=SEQ,
+                                   **moe)
     assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
     for m, (loss, gn) in zip(logged, ref):
+        if name == MOE:  # the objective = cross-entropy + the load-balancing term, logged apart
+            assert m["train/aux_loss"] > 0
+            m = {**m, "train/loss": m["train/loss"] + m["train/aux_loss"]}
         assert abs(m["train/loss"] - loss) <= 1e-5 * max(1.0, abs(loss)), (name, m["step"], m["train/loss"], loss)
         assert abs(m["train/grad_norm"] - gn) <= 1e-5 * max(1.0, gn), (name, m["step"], m["train/grad_norm"], gn)
     assert logged[-1]["train/loss"] < logged[0]["train/loss"]

@@ -46,10 +46,10 @@ from tulu.dist import entrypoint, print0, shutdown
 from tulu.export import export_hf
 from tulu.fsdp import no_grad_forward
 from tulu.loop import Throughput, batch_tokens, clip_and_step, finish, start_run
-from tulu.losses import DPO_LOSSES, micro_batch_weight
+from tulu.losses import DPO_LOSSES, load_balancing_loss, micro_batch_weight
 from tulu.metrics import mfu, model_flops_per_token, peak_flops, run_metrics
 from tulu.mixer import parse_mixer, training_mixer
-from tulu.model import build_model
+from tulu.model import build_model, router_aux_loss
 from tulu.optim import build_optimizer
 from tulu.preference import (PairLayout, build_preference_data, cached_logps, collate_dpo_pairs,
                              data_identity, evaluate_dpo, model_identity, pair_logps, pair_loss,
@@ -100,6 +100,12 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     chunked_lm_head: bool = True
     """Sequence log-probs through the LM head a chunk of tokens at a time, recomputed in backward
     (tulu/lm_head.py): the (tokens, vocab) logits are never built. False: the model's full logits."""
+    load_balancing_loss: bool = False
+    """Add a mixture-of-experts router's load-balancing loss (OLMoE, Qwen3-MoE; the Switch Transformer
+    loss, Fedus et al. 2021) times --load_balancing_weight to each micro-batch, averaged over the step's
+    micro-batches and ranks as the original's DeepSpeed scaling did."""
+    load_balancing_weight: float = 0.001
+    """Weight of the load-balancing loss (the original's default: 0.001)."""
     # The optimizer flags keep the original's defaults (2e-5, warmup 0.03, 2 epochs, 8 pairs per device);
     # the Tulu 3 commands set 5e-7, warmup 0.1, 1 epoch, 128 pairs per step (presets tulu3_*_dpo).
     use_lora: bool = False
@@ -233,16 +239,20 @@ def main(args: Args) -> None:
         for mb in mbs:
             batch = collate_dpo_pairs(data.rows(mb), layout.pad_id, args.packing)  # on the host
             # (B,) x 4: summed and averaged log-probs of both sides, from one forward
-            policy = pair_logps(model, batch, d.device, args.chunked_lm_head)
+            with router_aux_loss(model, args.load_balancing_loss) as aux:  # MoE: the router's loss
+                policy = pair_logps(model, batch, d.device, args.chunked_lm_head)
             # Σ over the micro-batch's pairs (a live reference runs its own no-grad forward here)
             loss, m = pair_loss(policy=policy, reference=reference_logps("train", mb, batch), **loss_kw)
             # The one normalization (tulu.losses.micro_batch_weight): every pair of the step weighs 1/G, and
             # FSDP sums the ranks' gradients. G is fixed (step_samples wraps): no collective before backward.
             # An empty micro-batch (a dummy row, to join FSDP's collectives) has weight 0 in metrics too.
             weight, _ = micro_batch_weight(len(mb), global_count=global_batch)
-            (weight * loss).backward()  # each FSDP unit's reduce-scatter (a collective) runs in here
+            balance = load_balancing_loss(aux if mb else [], args.load_balancing_weight, len(mbs), d.world)
+            (weight * loss + balance).backward()  # each FSDP unit's reduce-scatter runs in here
             for name, value in m.items():  # sums over the pairs: logged per pair
                 metrics.add(f"train/{name}", value if mb else torch.zeros_like(value), len(mb))
+            if aux:  # the original logged weight · aux, averaged (a dummy row counts for nothing)
+                metrics.add("train/aux_loss", args.load_balancing_weight * aux[0].detach() * bool(mb), bool(mb))
             tokens, slots = batch_tokens(batch)
             throughput.add(tokens if mb else 0, slots)  # host integers: no sync
         # The global gradient norm is an all-reduce over ranks; it stays on the device until a log step.
@@ -277,9 +287,8 @@ def main(args: Args) -> None:
         run_eval(total_steps)
     # The final Hugging Face export gathers each parameter in turn (a collective on every rank).
     finish("dpo", stopping, model, tokenizer, args.output_dir, d.is_main)
-    del model, reference, optimizer, scheduler, modules
-    shutdown()
 
 
 if __name__ == "__main__":
     main(cli(Args, description=__doc__))
+    shutdown()  # main's models are freed: destroy the process group, exit without interpreter teardown

@@ -531,9 +531,8 @@ def main(args: Args) -> None:
     sync.close()
     if pool is not None:
         pool.shutdown()
-    del policy, ref, value, reward_model, optimizers, trained, modules
-    shutdown()
 
 
 if __name__ == "__main__":
     main(cli(Args, description=__doc__))
+    shutdown()  # main's models are freed: destroy the process group, exit without interpreter teardown

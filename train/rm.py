@@ -229,9 +229,8 @@ def main(args: Args) -> None:
     # The final Hugging Face export (export_hf records the HF class name) gathers each parameter in
     # turn: a collective on every rank.
     finish("rm", stopping, model, tokenizer, args.output_dir, d.is_main)
-    del model, optimizer, scheduler, modules
-    shutdown()
 
 
 if __name__ == "__main__":
     main(cli(Args, description=__doc__))
+    shutdown()  # main's models are freed: destroy the process group, exit without interpreter teardown

@@ -26,10 +26,10 @@ from tulu.dist import all_reduce, entrypoint, print0, shutdown
 from tulu.export import export_hf
 from tulu.lm_head import head_logprobs, next_token_targets
 from tulu.loop import Throughput, batch_tokens, clip_and_step, finish, start_run
-from tulu.losses import IGNORE_INDEX, sft_loss, sft_loss_from_logprobs, sft_weight
+from tulu.losses import IGNORE_INDEX, load_balancing_loss, sft_loss, sft_loss_from_logprobs, sft_weight
 from tulu.metrics import mfu, model_flops_per_token, peak_flops, run_metrics
 from tulu.mixer import training_mixer
-from tulu.model import build_model
+from tulu.model import build_model, router_aux_loss
 from tulu.optim import build_optimizer
 from tulu.packing import model_inputs, pack, pad
 
@@ -59,6 +59,12 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     chunked_lm_head: bool = True
     """Cross-entropy through the LM head a chunk of tokens at a time, recomputed in backward
     (tulu/lm_head.py): the (tokens, vocab) logits are never built. False: the model's full logits."""
+    load_balancing_loss: bool = False
+    """Add a mixture-of-experts router's load-balancing loss (OLMoE, Qwen3-MoE; the Switch Transformer
+    loss, Fedus et al. 2021) times --load_balancing_weight to each micro-batch, averaged over the step's
+    micro-batches and ranks as the original's DeepSpeed scaling did."""
+    load_balancing_weight: float = 0.5
+    """Weight of the load-balancing loss (the original's default: 0.5)."""
 
 
 def plan(args: Args, mixer: dict) -> None:
@@ -129,20 +135,24 @@ def main(args: Args) -> None:
         global_tokens = all_reduce(local_tokens.to(d.device))
         for batch in batches:
             inputs, labels = model_inputs(model, batch, d.device), batch["labels"].to(d.device)
-            if args.chunked_lm_head:  # targets[:, t] = the token after t: the shift happens here
-                targets = next_token_targets(labels)
-                ce_sum, m = sft_loss_from_logprobs(head_logprobs(model, inputs, targets)[0], targets)
-            else:
-                ce_sum, m = sft_loss(model(**inputs).logits, labels)  # logits (B, T, V)
+            with router_aux_loss(model, args.load_balancing_loss) as aux:  # MoE: the router's loss
+                if args.chunked_lm_head:  # targets[:, t] = the token after t: the shift happens here
+                    targets = next_token_targets(labels)
+                    ce_sum, m = sft_loss_from_logprobs(head_logprobs(model, inputs, targets)[0], targets)
+                else:
+                    ce_sum, m = sft_loss(model(**inputs).logits, labels)  # logits (B, T, V)
             # The one normalization (tulu.losses.micro_batch_weight): FSDP sums the ranks' gradients,
             # so weight · Σ CE over every micro-batch and rank is exactly the step's objective.
             weight, share = sft_weight(args.reduce_loss, m["tokens"], global_tokens, len(batches),
                                        args.gradient_accumulation_steps, d.world)
-            (weight * ce_sum).backward()  # each FSDP unit's reduce-scatter (a collective) runs in here
+            balance = load_balancing_loss(aux, args.load_balancing_weight, len(batches), d.world)
+            (weight * ce_sum + balance).backward()  # each FSDP unit's reduce-scatter runs in here
             # The loss is logged as the step's objective: the share is what this micro-batch is of it.
             metrics.add("train/loss", weight * ce_sum.detach(), share)
             metrics.add("train/ce_sum", ce_sum.detach())
             metrics.add("train/tokens", m["tokens"])
+            if aux:  # the original logged weight · aux, averaged
+                metrics.add("train/aux_loss", args.load_balancing_weight * aux[0].detach())
             throughput.add(*batch_tokens(batch))  # host integers: no sync
         # The global gradient norm is an all-reduce over ranks; it stays on the device until a log step.
         metrics.add("train/grad_norm", clip_and_step(model, optimizer, scheduler, args.clip_grad_norm))
@@ -172,9 +182,8 @@ def main(args: Args) -> None:
 
     # The final Hugging Face export gathers each parameter in turn (a collective on every rank).
     finish("sft", stopping, model, tokenizer, args.output_dir, d.is_main)
-    del model, optimizer, scheduler, modules
-    shutdown()
 
 
 if __name__ == "__main__":
     main(cli(Args, description=__doc__))
+    shutdown()  # main's models are freed: destroy the process group, exit without interpreter teardown

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from tulu.dist import barrier
+from tulu.layouts import Layout
 from tulu.tensorfile import TensorWriter
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -59,23 +60,35 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike, is_
         tmp.mkdir(parents=True)
     tensors = list(model.named_parameters()) + [
         (n, b) for n, b in model.named_buffers() if n.rsplit(".", 1)[-1] not in _non_persistent(model, n)]
-    specs = [(n, dtype if t.is_floating_point() else t.dtype, tuple(t.shape)) for n, t in tensors]
+    # The checkpoint layout (tulu/layouts.py): a parameter the class keeps fused in memory (an MoE
+    # layer's experts) is written as the per-expert tensors save_pretrained would write.
+    layout = Layout(model)
+    specs, owner = [], []  # one spec per written tensor; owner: the index of the tensor it comes from
+    for j, (n, t) in enumerate(tensors):
+        for name, shape in layout.checkpoint_shapes(n, tuple(t.shape)):
+            specs.append((name, dtype if t.is_floating_point() else t.dtype, shape))
+            owner.append(j)
     shards = plan_shards(specs, max_shard_bytes)
     weight_map: dict[str, str] = {}
     total_bytes = sum(math.prod(shape) * dt.itemsize for _, dt, shape in specs)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"export {out_dir}", mininterval=5,
                disable=not is_main or total_bytes < 2**30)  # a bar only where it takes a while
+    gathered, parts = -1, {}
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         writer = TensorWriter(tmp / fname, [specs[i] for i in shard], {"format": "pt"}) if is_main else None
         for i in shard:
-            full = full_tensor(tensors[i][1])  # collective: all ranks, same order
+            if owner[i] != gathered:  # gather each tensor once, even when its parts span two files
+                gathered, parts = owner[i], {}
+                full = full_tensor(tensors[gathered][1])  # collective: all ranks, same order
+                if is_main:
+                    parts = dict(layout.to_checkpoint(tensors[gathered][0], full))
+                del full
             if is_main:
-                out = full.to(specs[i][1])
+                out = parts.pop(specs[i][0]).to(specs[i][1])
                 writer.write(out)
                 weight_map[specs[i][0]] = fname
                 bar.update(out.numel() * out.element_size())
-            del full
         if is_main:
             writer.close()
     bar.close()

@@ -67,6 +67,11 @@ def apply_fsdp(
     for block in decoder_blocks(model):
         if activation_checkpointing:
             checkpoint(block)  # composable API: keeps parameter names unchanged (checkpoints stay portable)
+        # A mixture-of-experts layer's experts (most of its weights) are a unit of their own: gathered
+        # for the expert computation only, not for the whole block's attention too.
+        for name, sub in block.named_modules():
+            if name.endswith("experts") and any(True for _ in sub.parameters(recurse=False)):
+                fully_shard(sub, reshard_after_forward=reshard_after_forward, **kw)
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
     if untied:  # lm_head runs last in forward and first in backward: keep it gathered in between
         fully_shard(emb_out, reshard_after_forward=False, **kw)

@@ -46,6 +46,16 @@ def micro_batch_weight(count, *, global_count=None, micro_batches: int | None = 
     return weight, weight * count
 
 
+def load_balancing_loss(aux: list[torch.Tensor], weight: float, micro_batches: int, world: int):
+    """A mixture-of-experts router's load-balancing loss as the original added it (open-instruct
+    finetune.py:934-936 and dpo_tune.py:1007-1009 @e363290): weight · aux on each micro-batch's loss,
+    which DeepSpeed then scaled by 1/(GA·W), so the step's term is weight · the mean of the micro-batches'
+    aux over micro-batches and ranks. aux: the micro-batch's loss (tulu.model.router_aux_loss); empty: 0."""
+    if not aux:
+        return 0.0
+    return weight * aux[0] * micro_batch_weight(1, micro_batches=micro_batches, world=world)[0]
+
+
 # --------------------------------------------------------------------------------------- SFT
 
 SFT_REDUCTIONS = ("mean", "sum", "token_mean")

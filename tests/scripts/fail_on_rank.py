@@ -26,3 +26,4 @@ def failing(*args, **kwargs):
 
 setattr(script, function, failing)
 script.main(script.cli(script.Args, sys.argv[6:], script=script.__file__))  # its presets, not ours
+script.shutdown()

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from tulu.dist import init_dist
 from tulu.fsdp import apply_fsdp
 from tulu.memory import count_model_state_bytes, llama_config
-from tulu.model import reset_rotary_buffers
+from tulu.model import init_buffers
 from tulu.optim import build_optimizer
 
 
@@ -46,7 +46,7 @@ def main() -> None:
         for p in model.parameters():
             local = p.to_local()
             local.normal_(0, 0.02) if p.ndim >= 2 else local.fill_(1.0)
-    reset_rotary_buffers(model)
+    init_buffers(model)
     optimizer = build_optimizer(model, lr=1e-4)
 
     g = torch.Generator().manual_seed(0)
