@@ -18,17 +18,18 @@ FAMILIES = ("llama", "qwen3", "olmo2", "mistral", "phi3", "gemma2", "qwen3_moe",
 def family_config(name: str, vocab_size: int):
     import transformers as T
 
-    base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # head_dim 32 everywhere: vLLM's CPU attention has no kernel for 16
+    base = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
     moe = dict(num_experts=4, num_experts_per_tok=2)
     configs = {
         "llama": lambda: T.LlamaConfig(**base),
-        "qwen3": lambda: T.Qwen3Config(**base, head_dim=16),
+        "qwen3": lambda: T.Qwen3Config(**base, head_dim=32),
         "olmo2": lambda: T.Olmo2Config(**base),
         "mistral": lambda: T.MistralConfig(**base, sliding_window=64),
         "phi3": lambda: T.Phi3Config(**base),
-        "gemma2": lambda: T.Gemma2Config(**base, head_dim=16, sliding_window=64),
-        "qwen3_moe": lambda: T.Qwen3MoeConfig(**base, head_dim=16, moe_intermediate_size=32, **moe),
+        "gemma2": lambda: T.Gemma2Config(**base, head_dim=32, sliding_window=64),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**base, head_dim=32, moe_intermediate_size=32, **moe),
         "olmoe": lambda: T.OlmoeConfig(**{**base, "intermediate_size": 32}, **moe),
         "qwen2_tied": lambda: T.Qwen2Config(**base, tie_word_embeddings=True),
     }
