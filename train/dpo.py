@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from tulu.checkpoint import maybe_resume, maybe_save
-from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
+from tulu.config import CheckpointArgs, HeadArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
 from tulu.data import StepBatches
 from tulu.dist import entrypoint, print0, shutdown
 from tulu.export import export_hf
@@ -57,7 +57,7 @@ from tulu.preference import (PairLayout, build_preference_data, cached_logps, co
 
 
 @dataclasses.dataclass
-class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
+class Args(ModelArgs, OptimArgs, HeadArgs, LogArgs, CheckpointArgs, PlanArgs):
     dataset_mixer_list: list[str] | None = None
     """Preference mixture as `name frac_or_count ...`: rows with `chosen` and `rejected` message lists that
     share the prompt and end in an assistant turn. Neither this nor --dataset_mixer: the embedded
@@ -97,15 +97,8 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     """Processes for tokenization (cached on disk, keyed by data, tokenizer, template and length)."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed rows instead of stopping with an error naming the row and field."""
-    chunked_lm_head: bool = True
-    """Sequence log-probs through the LM head a chunk of tokens at a time, recomputed in backward
-    (tulu/lm_head.py): the (tokens, vocab) logits are never built. False: the model's full logits."""
-    load_balancing_loss: bool = False
-    """Add a mixture-of-experts router's load-balancing loss (OLMoE, Qwen3-MoE; the Switch Transformer
-    loss, Fedus et al. 2021) times --load_balancing_weight to each micro-batch, averaged over the step's
-    micro-batches and ranks as the original's DeepSpeed scaling did."""
     load_balancing_weight: float = 0.001
-    """Weight of the load-balancing loss (the original's default: 0.001)."""
+    """Weight of the load-balancing loss (the original DPO's default: 0.001)."""
     # The optimizer flags keep the original's defaults (2e-5, warmup 0.03, 2 epochs, 8 pairs per device);
     # the Tulu 3 commands set 5e-7, warmup 0.1, 1 epoch, 128 pairs per step (presets tulu3_*_dpo).
     use_lora: bool = False

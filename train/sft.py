@@ -20,7 +20,7 @@ from typing import Literal
 from tqdm import tqdm
 
 from tulu.checkpoint import maybe_resume, maybe_save
-from tulu.config import CheckpointArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
+from tulu.config import CheckpointArgs, HeadArgs, LogArgs, ModelArgs, OptimArgs, PlanArgs, cli
 from tulu.data import StepBatches, build_sft_data
 from tulu.dist import all_reduce, entrypoint, print0, shutdown
 from tulu.export import export_hf
@@ -35,7 +35,7 @@ from tulu.packing import model_inputs, pack, pad
 
 
 @dataclasses.dataclass
-class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
+class Args(ModelArgs, OptimArgs, HeadArgs, LogArgs, CheckpointArgs, PlanArgs):
     dataset_mixer_list: list[str] | None = None
     """Mixture as `name frac_or_count ...` (a value with "." is a fraction, else a row count).
     Neither this nor --dataset_mixer given: the embedded synthetic set tulu/synth-sft."""
@@ -56,15 +56,6 @@ class Args(ModelArgs, OptimArgs, LogArgs, CheckpointArgs, PlanArgs):
     """Processes for tokenization (cached on disk, keyed by data, tokenizer, template and length)."""
     skip_bad_rows: bool = False
     """Skip (and count) malformed rows instead of stopping with an error naming the row and field."""
-    chunked_lm_head: bool = True
-    """Cross-entropy through the LM head a chunk of tokens at a time, recomputed in backward
-    (tulu/lm_head.py): the (tokens, vocab) logits are never built. False: the model's full logits."""
-    load_balancing_loss: bool = False
-    """Add a mixture-of-experts router's load-balancing loss (OLMoE, Qwen3-MoE; the Switch Transformer
-    loss, Fedus et al. 2021) times --load_balancing_weight to each micro-batch, averaged over the step's
-    micro-batches and ranks as the original's DeepSpeed scaling did."""
-    load_balancing_weight: float = 0.5
-    """Weight of the load-balancing loss (the original's default: 0.5)."""
 
 
 def plan(args: Args, mixer: dict) -> None:

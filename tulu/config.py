@@ -132,6 +132,20 @@ class CheckpointArgs:
 
 
 @dataclasses.dataclass
+class HeadArgs:
+    """How the trained model's output is turned into a loss (SFT and DPO)."""
+    chunked_lm_head: bool = True
+    """Log-probs through the LM head a chunk of tokens at a time, recomputed in backward (tulu/lm_head.py):
+    the (tokens, vocab) logits are never built. False: the model's full logits."""
+    load_balancing_loss: bool = False
+    """Add a mixture-of-experts router's load-balancing loss (OLMoE, Qwen3-MoE; the Switch Transformer
+    loss, Fedus et al. 2021) times --load_balancing_weight to each micro-batch, averaged over the step's
+    micro-batches and ranks as the original's DeepSpeed scaling did."""
+    load_balancing_weight: float = 0.5
+    """Weight of the load-balancing loss (the original SFT's default: 0.5; DPO's is 0.001)."""
+
+
+@dataclasses.dataclass
 class EngineArgs:
     """The rollout engine pool (rollout/): which engines, where, in which dtype, how they are checked."""
     engine: Literal["auto", "torch", "vllm"] = "auto"
