@@ -27,7 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tulu.gsm8k_prompts import gsm8k_rows, write_rows  # noqa: E402
+from tulu.demo import pyplot  # noqa: E402
+from tulu.gsm8k_prompts import gsm8k_rows  # noqa: E402
+from tulu.mixer import write_rows  # noqa: E402
 
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 EVAL_ROWS = 200  # rows 0-199: held out
@@ -66,11 +68,7 @@ def phase_rates(rows: list[dict], prompts_per_step: int, samples: int) -> dict[s
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [r for r in rows if "objective/scores" in r]
     evals = [r for r in rows if "eval/verifiable_correct_rate" in r]
     fig, ax = plt.subplots(1, 4, figsize=(16, 3.6))

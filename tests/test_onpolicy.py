@@ -3,7 +3,8 @@ a wrong one. Checked against an independent reading of each answer (its last num
 truth), and read back through DPO's own tokenization."""
 import re
 
-from tulu.onpolicy import build_pairs, write_pairs
+from tulu.mixer import write_rows
+from tulu.onpolicy import build_pairs
 from tulu.synth import make_rows
 
 
@@ -34,7 +35,7 @@ def test_pairs_choose_a_right_sample_over_a_wrong_one(sft_tiny, tmp_path):
     from tulu.model import load_tokenizer
     from tulu.preference import build_preference_data
 
-    path = write_pairs(pairs, tmp_path / "pairs.jsonl")
+    path = write_rows(pairs, tmp_path / "pairs.jsonl")
     data = build_preference_data({str(path): 1.0}, load_tokenizer(str(sft_tiny)), 256, mix_dir=str(tmp_path / "mix"))
     assert len(data.ds) == len(pairs)
     for row in data.ds.select(range(3)):

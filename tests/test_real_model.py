@@ -147,7 +147,8 @@ def test_dpo_and_rm_on_real_pairs(smollm2, tmp_path):
 
 
 def _rlvr(tmp_path, engine: str, nproc: int) -> list[dict]:
-    from tulu.gsm8k_prompts import gsm8k_rows, write_rows
+    from tulu.gsm8k_prompts import gsm8k_rows
+    from tulu.mixer import write_rows
 
     prompts = write_rows(gsm8k_rows(SHARED_DATA / "gsm8k" / "train.jsonl", start=200, count=16),
                          tmp_path / "gsm8k.jsonl")

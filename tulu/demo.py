@@ -71,12 +71,18 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot(out: Path, stage: str, rows: list[dict], keys: list[str]) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(out: Path, stage: str, rows: list[dict], keys: list[str]) -> Path:
+    plt = pyplot()
     keys = [k for k in keys if series(rows, k)[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -94,11 +100,7 @@ def plot(out: Path, stage: str, rows: list[dict], keys: list[str]) -> Path:
 
 def plot_accuracy(path: Path, runs: dict[str, dict[str, float]]) -> Path:
     """Held-out accuracy after each stage, one line per run (seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     stages = ["base", "sft", "dpo", "rlvr"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for name, acc in runs.items():
@@ -114,14 +116,15 @@ def plot_accuracy(path: Path, runs: dict[str, dict[str, float]]) -> Path:
 
 def make_pairs(sft: Path, out: Path, seed: int, prompts: int, samples: int) -> dict:
     """On-policy pairs from the SFT model: training prompts for DPO, held-out prompts for its eval."""
-    from tulu.onpolicy import build_pairs, write_pairs
+    from tulu.mixer import write_rows
+    from tulu.onpolicy import build_pairs
 
     print(f"\n[demo] pairs: {samples} samples of the SFT model for each of {prompts} training prompts, a "
           "verified-correct one chosen over a wrong one (tulu/onpolicy.py)", flush=True)
     stats = {}
     for split, dataset, n in (("train", "tulu/synth-rlvr", prompts), ("eval", "tulu/synth-rlvr-eval", 200)):
         pairs, stats[split] = build_pairs(str(sft), dataset, n, samples, seed=seed)
-        write_pairs(pairs, out / f"{split}.jsonl")
+        write_rows(pairs, out / f"{split}.jsonl")
     print(f"[demo] pairs: {json.dumps(stats)}", flush=True)
     return stats
 

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tulu.mixer import write_rows
 from tulu.verifiers.gsm8k import gold_answer
 
 
@@ -32,13 +33,6 @@ def gsm8k_rows(src: str | Path, start: int = 0, count: int | None = None) -> lis
             rows.append({"messages": [{"role": "user", "content": raw["question"]}], "ground_truth": truth,
                          "dataset": "gsm8k"})
     return rows
-
-
-def write_rows(rows: list[dict], dst: str | Path) -> Path:
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return dst
 
 
 def main() -> None:

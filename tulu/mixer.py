@@ -56,6 +56,14 @@ def parse_mixer(mixer_list: list[str] | None = None, mixer: str | dict | None = 
     return out
 
 
+def write_rows(rows: list[dict], dst: str | Path) -> Path:
+    """Rows as JSON lines (one object a line): a local dataset this module reads back by path."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
 def _read_json_file(path: Path) -> list[dict]:
     """Rows of a .jsonl (one object per line) or .json (a list of objects) file, with line numbers in errors."""
     text = path.read_text(encoding="utf-8")

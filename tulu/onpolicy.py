@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from tulu.chat import encode, render
+from tulu.mixer import write_rows
 from tulu.synth import make_rows
 from tulu.verifiers import verify_batch
 
@@ -55,16 +55,6 @@ def build_pairs(model_path: str, dataset: str = "tulu/synth-rlvr", prompts: int 
     return pairs, stats
 
 
-def write_pairs(pairs: list[dict], path: str | Path) -> Path:
-    """JSON lines, one pair a line (what the mixer reads as a local dataset)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for p in pairs:
-            f.write(json.dumps(p) + "\n")
-    return path
-
-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_path")
@@ -76,5 +66,5 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     pairs, stats = build_pairs(a.model_path, a.dataset, a.prompts, a.samples, a.temperature, seed=a.seed)
-    write_pairs(pairs, a.out)
+    write_rows(pairs, a.out)
     print(json.dumps(stats))
